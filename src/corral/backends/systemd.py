@@ -1,0 +1,256 @@
+"""The systemd backend: transient scopes over D-Bus, through pystemd.
+
+A run is ``corral-<agent>-<id>.scope`` in ``corral-<agent>.slice`` (a child of
+``corral.slice``). The processes are forked first, held before exec, moved into the
+scope by ``StartTransientUnit(PIDs=...)``, and released only once the start job has
+finished (``JobRemoved``), so nothing the command starts can be born outside it.
+
+System manager as root, the user's manager (``systemd --user``) otherwise. One bus
+connection per backend object; calls go straight to ``call_method`` with known
+signatures, skipping pystemd's per-object introspection on the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cgroup import CgroupDir, find_cgroup2_mount
+from ..errors import BackendError, NoBackend, PermissionDenied
+from ..names import ROOT_SLICE, agent_slice, scope_name
+from ..spec import Limits
+from .base import Backend, Probe, log
+
+DEST = b"org.freedesktop.systemd1"
+PATH = b"/org/freedesktop/systemd1"
+MANAGER = b"org.freedesktop.systemd1.Manager"
+START_JOB_TIMEOUT = 15.0
+UINT64_MAX = 2**64 - 1
+
+
+def _translate(err: Exception, what: str) -> Exception:
+    """pystemd's D-Bus errors become corral's, once, here."""
+    text = str(err)
+    name = type(err).__name__
+    if "AccessDenied" in name or "Access denied" in text or "EPERM" in text or "InteractiveAuthorization" in name:
+        return PermissionDenied(f"{what}: systemd refused: {text}", hint="run as root, or as yourself against your user manager")
+    return BackendError(f"{what}: {name}: {text}")
+
+
+def _open_bus(user_mode: bool) -> Any:
+    """Connect to the manager: the bus first, then systemd's private socket."""
+    from pystemd.dbuslib import DBus, DBusAddress
+
+    errors: list[str] = []
+    try:
+        bus = DBus(user_mode=user_mode)
+        bus.open()
+        return bus
+    except Exception as err:  # noqa: BLE001 - any failure means: try the next way in
+        errors.append(f"{'user' if user_mode else 'system'} bus: {err}")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
+    private = Path(runtime, "systemd/private") if user_mode else Path("/run/systemd/private")
+    if private.exists():
+        try:
+            bus = DBusAddress(f"unix:path={private}".encode(), peer_to_peer=True)
+            bus.open()
+            return bus
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"{private}: {err}")
+    else:
+        errors.append(f"{private}: no such socket")
+    raise NoBackend(
+        "systemd is not reachable: " + "; ".join(errors),
+        hint="is systemd PID 1 here? For a user manager, is XDG_RUNTIME_DIR set? "
+        "Use --backend cgroupfs where systemd is not the init (see: corral doctor)",
+    )
+
+
+def _prop_args(props: list[tuple[str, str, Any]]) -> list[Any]:
+    from pystemd.dbuslib import apply_signature
+
+    args: list[Any] = [(ord(b"a"), b"(sv)")]
+    for name, sig, value in props:
+        args += [(ord(b"r"), b"sv"), (ord(b"s"), name.encode()), (ord(b"v"), sig.encode())]
+        args += apply_signature(sig.encode(), [value])
+        args += [(-1, None), (-1, None)]
+    args += [(-1, None)]
+    return args
+
+
+class SystemdBackend(Backend):
+    name = "systemd"
+
+    def __init__(self, *, user_mode: bool | None = None, mount: Path | None = None) -> None:
+        found = mount or find_cgroup2_mount()
+        if found is None:
+            raise NoBackend("no cgroup2 mount found in /proc/self/mountinfo")
+        super().__init__(found)
+        self.user_mode = os.geteuid() != 0 if user_mode is None else user_mode
+        self.bus = _open_bus(self.user_mode)
+        self._subscribed = False
+        self._done_jobs: dict[bytes, bytes] = {}
+        try:
+            self.version = self._manager_prop(b"Version", b"s").decode()
+            # The user manager lives in user@UID.service; the system manager at "/".
+            self.manager_cgroup = self._manager_prop(b"ControlGroup", b"s").decode() if self.user_mode else "/"
+        except Exception as err:  # noqa: BLE001
+            raise NoBackend(f"systemd answered but not as a manager: {err}") from err
+
+    # --- D-Bus helpers ----------------------------------------------------------------
+
+    def _manager_prop(self, name: bytes, sig: bytes) -> Any:
+        return self.bus.get_property(DEST, PATH, MANAGER, name, sig)
+
+    def _call(self, method: bytes, args: list[Any], what: str) -> Any:
+        try:
+            return self.bus.call_method(DEST, PATH, MANAGER, method, args).body
+        except Exception as err:  # noqa: BLE001
+            raise _translate(err, what) from err
+
+    def _unit_path(self, unit: str) -> bytes:
+        from pystemd.dbuslib import path_encode
+
+        return path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
+
+    def _subscribe(self) -> None:
+        if self._subscribed:
+            return
+
+        def on_job_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            msg.process_reply(False)
+            _id, job, _unit, result = msg.body
+            self._done_jobs[job] = result
+
+        self.bus.match_signal(DEST, PATH, MANAGER, b"JobRemoved", on_job_removed)
+        self._call(b"Subscribe", [], "subscribe to systemd")
+        self._subscribed = True
+
+    def _wait_job(self, job: bytes, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while job not in self._done_jobs:
+            msg = self.bus.process()
+            if not msg.is_empty():
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BackendError(f"systemd job {job.decode()} did not finish within {timeout:.0f}s")
+            self.bus.wait(int(min(left, 1.0) * 1_000_000))
+        return self._done_jobs.pop(job)
+
+    # --- primitives ---------------------------------------------------------------------
+
+    def slice_dir(self) -> Path:
+        return self.mount / self.manager_cgroup.lstrip("/") / ROOT_SLICE
+
+    def prepare(self, agent: str, run_id: str, limits: Limits) -> CgroupDir:
+        return self.run_cgroup(agent, run_id)  # systemd makes it in adopt()
+
+    def adopt(self, agent, run_id, pids, *, description, limits, timeout, grace):  # type: ignore[no-untyped-def]
+        unit = scope_name(agent, run_id)
+        props: list[tuple[str, str, Any]] = [
+            ("Description", "s", description),
+            ("Slice", "s", agent_slice(agent)),
+            ("PIDs", "au", [int(p) for p in pids]),
+            ("CollectMode", "s", "inactive-or-failed"),
+            # corral splits the scope into payload/ and supervisor/ leaves
+            ("Delegate", "b", True),
+            ("TimeoutStopUSec", "t", int(grace * 1_000_000)),
+        ]
+        if limits.memory_max is not None:
+            props.append(("MemoryMax", "t", limits.memory_max))
+        if limits.memory_high is not None:
+            props.append(("MemoryHigh", "t", limits.memory_high))
+        if limits.tasks_max is not None:
+            props.append(("TasksMax", "t", limits.tasks_max))
+        if limits.cpu_quota is not None:
+            props.append(("CPUQuotaPerSecUSec", "t", int(limits.cpu_quota * 10_000)))
+        if timeout is not None:
+            props.append(("RuntimeMaxUSec", "t", int(timeout * 1_000_000)))
+        from pystemd.dbuslib import apply_signature
+
+        self._subscribe()
+        args = apply_signature(b"ss", [unit.encode(), b"fail"]) + _prop_args(props)
+        args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]
+        t0 = time.monotonic()
+        job = self._call(b"StartTransientUnit", args, f"start {unit}")
+        result = self._wait_job(job, START_JOB_TIMEOUT)
+        log.debug("StartTransientUnit %s: %s in %.1f ms", unit, result.decode(), (time.monotonic() - t0) * 1000)
+        if result != b"done":
+            raise BackendError(f"systemd could not start {unit}: job result {result.decode()!r}")
+        self.make_leaves(self.run_cgroup(agent, run_id))
+        return self.effective_limits(self.run_cgroup(agent, run_id), limits, self._unit_limits(unit, limits))
+
+    def _unit_limits(self, unit: str, limits: Limits) -> dict[str, Any]:
+        """The limits as the manager holds them (it may hold what the kernel does not)."""
+        wanted = {
+            "memory_max": (b"MemoryMax", b"t"),
+            "memory_high": (b"MemoryHigh", b"t"),
+            "tasks_max": (b"TasksMax", b"t"),
+            "cpu_quota": (b"CPUQuotaPerSecUSec", b"t"),
+        }
+        out: dict[str, Any] = {}
+        path = self._unit_path(unit)
+        for key in limits.requested():
+            prop, sig = wanted[key]
+            try:
+                value = self.bus.get_property(DEST, path, b"org.freedesktop.systemd1.Scope", prop, sig)
+            except Exception as err:  # noqa: BLE001
+                log.debug("read back %s of %s: %s", prop, unit, err)
+                continue
+            if value == UINT64_MAX:
+                out[key] = None
+            elif key == "cpu_quota":
+                out[key] = value / 10_000
+            else:
+                out[key] = value
+        return out
+
+    def freeze(self, cgroup: CgroupDir, frozen: bool) -> None:
+        # FreezeUnit needs the unified hierarchy in systemd's eyes; on hybrid hosts it says
+        # "not supported", so the kernel file is the one way that works everywhere.
+        super().freeze(cgroup, frozen)
+
+    def close(self) -> None:
+        try:
+            self.bus.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def probe(self) -> Probe:
+        p = Probe("systemd", True)
+        p.facts.update(
+            version=self.version,
+            manager="user" if self.user_mode else "system",
+            manager_cgroup=self.manager_cgroup,
+            mount=str(self.mount),
+            slice_dir=str(self.slice_dir()),
+        )
+        p.reasons.append(f"systemd {self.version} {'user' if self.user_mode else 'system'} manager reachable over D-Bus")
+        controllers = CgroupDir(self.mount / self.manager_cgroup.lstrip("/")).controllers()
+        p.facts["controllers"] = sorted(controllers)
+        missing = sorted({"memory", "pids", "cpu"} - controllers)
+        if missing:
+            p.facts["limits_not_enforced"] = missing
+            p.reasons.append(
+                f"controllers {', '.join(missing)} are not delegated on cgroup v2 here: "
+                "limits set on units are read back and shown as not enforced"
+            )
+        return p
+
+
+def probe(user_mode: bool | None = None) -> Probe:
+    """Can a systemd manager be reached? Never raises."""
+    if not Path("/run/systemd/system").exists():
+        return Probe("systemd", False, ["systemd is not PID 1 here (/run/systemd/system is missing)"],
+                     ["a systemd init (or use the cgroupfs backend)"])
+    try:
+        backend = SystemdBackend(user_mode=user_mode)
+    except Exception as err:  # noqa: BLE001
+        return Probe("systemd", False, [str(err).splitlines()[0]], ["a reachable systemd manager bus"])
+    try:
+        return backend.probe()
+    finally:
+        backend.close()

@@ -1,0 +1,251 @@
+"""Low-level cgroup v2 operations on one directory.
+
+Both backends end up here: the cgroupfs backend owns the directories, and the systemd
+backend reads (and, for a verified kill, writes ``cgroup.kill`` in) the directory systemd
+made for the scope. Paths are parameters so tests and containers can point elsewhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import translate_oserror
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def find_cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Path | None:
+    """The cgroup2 mount point from mountinfo (``/sys/fs/cgroup`` or ``.../unified``)."""
+    try:
+        text = mountinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return Path(left.split()[4])
+    return None
+
+
+def find_v1_mount(controller: str, mountinfo: Path = MOUNTINFO) -> Path | None:
+    """Mount point of a cgroup v1 hierarchy holding *controller* (hybrid layouts)."""
+    try:
+        text = mountinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        parts = right.split()
+        if parts and parts[0] == "cgroup" and controller in parts[-1].split(","):
+            return Path(left.split()[4])
+    return None
+
+
+def own_cgroup(pid: int | str = "self") -> str:
+    """The v2 cgroup path of a process (``0::/x/y``), '' if it has none."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    except OSError:
+        pass
+    return ""
+
+
+PAYLOAD = "payload"  # the command and everything it starts
+SUPERVISOR = "supervisor"  # corral's own processes for the run (watchdog, detached owner)
+
+
+def join(cgroup: Path) -> None:
+    """Move the calling process into *cgroup* (write 0 to cgroup.procs). Fork-safe."""
+    fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Events:
+    populated: bool
+    frozen: bool
+
+
+class CgroupDir:
+    """One cgroup v2 directory and the files corral uses in it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"CgroupDir({str(self.path)!r})"
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def child(self, name: str) -> "CgroupDir":
+        return CgroupDir(self.path / name)
+
+    @property
+    def payload(self) -> "CgroupDir":
+        return self.child(PAYLOAD)
+
+    @property
+    def supervisor(self) -> "CgroupDir":
+        return self.child(SUPERVISOR)
+
+    def _read(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def _write(self, name: str, value: str) -> None:
+        target = self.path / name
+        try:
+            fd = os.open(target, os.O_WRONLY)
+        except OSError as err:
+            raise translate_oserror(err, what=f"open {name}", path=str(target)) from err
+        try:
+            os.write(fd, value.encode())
+        except OSError as err:
+            raise translate_oserror(err, what=f"write {name}", path=str(target)) from err
+        finally:
+            os.close(fd)
+
+    # --- reading -----------------------------------------------------------------
+
+    def events(self) -> Events:
+        """``cgroup.events``; a missing directory reads as empty and not frozen."""
+        try:
+            text = self._read("cgroup.events")
+        except FileNotFoundError:
+            return Events(populated=False, frozen=False)
+        fields = dict(line.split() for line in text.splitlines() if line)
+        return Events(populated=fields.get("populated") == "1", frozen=fields.get("frozen") == "1")
+
+    def pids(self) -> list[int]:
+        """Live pids in this cgroup and every child cgroup below it."""
+        out: list[int] = []
+        try:
+            for dirpath, _dirs, _files in os.walk(self.path):
+                try:
+                    text = Path(dirpath, "cgroup.procs").read_text()
+                except FileNotFoundError:
+                    continue
+                out.extend(int(p) for p in text.split())
+        except OSError:
+            pass
+        return out
+
+    def cpu_usec(self) -> int | None:
+        try:
+            for line in self._read("cpu.stat").splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def read_int(self, name: str) -> int | None:
+        """An integer file such as ``memory.current``; None if absent; 'max' -> -1."""
+        try:
+            text = self._read(name).strip()
+        except OSError:
+            return None
+        if text == "max":
+            return -1
+        try:
+            return int(text.split()[0])
+        except (ValueError, IndexError):
+            return None
+
+    def controllers(self) -> set[str]:
+        try:
+            return set(self._read("cgroup.controllers").split())
+        except OSError:
+            return set()
+
+    # --- acting ------------------------------------------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL every process below, atomically with respect to forks (kernel >= 5.14)."""
+        try:
+            self._write("cgroup.kill", "1")
+        except Exception as err:
+            if not self.exists():  # already gone: nothing to kill
+                return
+            raise err
+
+    def signal_all(self, sig: int) -> list[int]:
+        """Send *sig* to every process below. Frozen around it so forks cannot outrun us."""
+        was_frozen = self.events().frozen
+        if not was_frozen:
+            self.set_frozen(True, timeout=2.0)
+        sent: list[int] = []
+        try:
+            for pid in self.pids():
+                try:
+                    os.kill(pid, sig)
+                    sent.append(pid)
+                except ProcessLookupError:  # ESRCH: already gone
+                    pass
+        finally:
+            if not was_frozen:
+                self.set_frozen(False, timeout=2.0)
+        return sent
+
+    def set_frozen(self, frozen: bool, *, timeout: float = 5.0) -> bool:
+        """Write ``cgroup.freeze`` and wait for ``frozen`` to follow; True if it did."""
+        self._write("cgroup.freeze", "1" if frozen else "0")
+        return self.wait_events(lambda ev: ev.frozen == frozen or not ev.populated, timeout)
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until ``populated 0`` (or the directory is gone); True if it happened."""
+        return self.wait_events(lambda ev: not ev.populated, timeout)
+
+    def wait_events(self, predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+        """Wait on ``cgroup.events`` with poll(2): the kernel signals changes as POLLPRI."""
+        deadline = time.monotonic() + timeout
+        path = self.path / "cgroup.events"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return predicate(Events(populated=False, frozen=False))
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+            while True:
+                os.lseek(fd, 0, os.SEEK_SET)
+                try:
+                    text = os.read(fd, 4096).decode()
+                except OSError as err:
+                    if err.errno == errno.ENODEV:  # cgroup removed under us
+                        return predicate(Events(populated=False, frozen=False))
+                    raise
+                fields = dict(line.split() for line in text.splitlines() if line)
+                ev = Events(fields.get("populated") == "1", fields.get("frozen") == "1")
+                if predicate(ev):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                # Cap each wait: kernfs notifies reliably, the cap only bounds a missed edge.
+                poller.poll(min(left, 0.5) * 1000)
+        finally:
+            os.close(fd)
+
+    def rmdir(self) -> bool:
+        """Remove the directory; False if it still has processes (EBUSY) or children."""
+        try:
+            os.rmdir(self.path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as err:
+            if err.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                return False
+            raise translate_oserror(err, what="remove cgroup", path=str(self.path)) from err

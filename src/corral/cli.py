@@ -1,0 +1,321 @@
+"""The ``corral`` command: parse, call the library, print a table or JSON.
+
+Exit codes come from the error tree (``CorralError.exit_code``), mapped in ``main``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from .errors import CorralError, NotFound, UsageError
+
+
+class Ctx:
+    def __init__(self, backend: str | None) -> None:
+        self.backend_name = backend
+        self._corral = None
+
+    @property
+    def corral(self):  # type: ignore[no-untyped-def]
+        if self._corral is None:
+            from .core import Corral
+
+            self._corral = Corral(self.backend_name)
+        return self._corral
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--backend", type=click.Choice(["systemd", "cgroupfs"]), default=None,
+              help="Override backend detection.")
+@click.version_option(package_name="corral")
+@click.pass_context
+def cli(ctx: click.Context, backend: str | None) -> None:
+    """Run AI coding agents side by side, each run in its own cgroup."""
+    ctx.obj = Ctx(backend)
+
+
+# --- run ----------------------------------------------------------------------------------
+
+
+def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"invalid --env {pair!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@cli.command()
+@click.argument("agent")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--detach", "-d", is_flag=True, help="Print the run id and return; output goes to the run's log.")
+@click.option("--session", metavar="KEY", help="Session key the run holds (recorded).")
+@click.option("--lock-timeout", type=float, metavar="SECS", help="How long to wait for the session lease.")
+@click.option("--timeout", metavar="DURATION", help="End the whole run after DURATION (90s, 30m, 2h): exit 124.")
+@click.option("--grace", type=float, default=10.0, show_default=True, metavar="SECS",
+              help="After a forwarded signal, kill the whole run if it has not ended within SECS.")
+@click.option("--auth", metavar="PROFILE", help="Auth profile whose access token the run gets.")
+@click.option("--cwd", metavar="DIR", help="Working directory (default: the current one).")
+@click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
+@click.option("--memory-max", metavar="SIZE", help="Hard memory limit, e.g. 2G.")
+@click.option("--memory-high", metavar="SIZE", help="Memory throttling threshold, e.g. 1G.")
+@click.option("--cpu-quota", metavar="PCT", help="CPU quota in percent of one CPU, e.g. 150%.")
+@click.option("--tasks-max", metavar="N", help="Most processes/threads the run may have.")
+@pass_ctx
+def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str | None,
+        lock_timeout: float | None, timeout: str | None, grace: float, auth: str | None, cwd: str | None,
+        env_pairs: tuple[str, ...], memory_max: str | None, memory_high: str | None, cpu_quota: str | None,
+        tasks_max: str | None) -> None:
+    """Run COMMAND for AGENT in its own cgroup: corral run AGENT [OPTIONS] -- CMD [ARG...]"""
+    from .names import validate_agent
+    from .spec import Limits, RunSpec
+
+    validate_agent(agent)
+    if auth is not None:
+        raise NotFound(f"no auth profile {auth!r}", hint="add one with: corral auth add PROFILE ...")
+    spec = RunSpec(
+        agent=agent, argv=command, cwd=cwd, env=_parse_env(env_pairs), session=session,
+        timeout=timeout,  # type: ignore[arg-type]
+        grace=grace,
+        limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
+    )
+    handle = c.corral.run(spec, detach=detach, reap_orphans=not detach)
+    if detach:
+        click.echo(handle.id)
+        return
+    handle.wait(handle_signals=True)
+    outcome = handle.outcome
+    assert outcome is not None
+    if outcome.state == "timeout":
+        click.echo(f"corral: run {handle.id} hit its --timeout and was ended", err=True)
+    elif outcome.ended_by == "lost-supervisor":
+        click.echo(f"corral: run {handle.id}: its watchdog died; the run was killed whole", err=True)
+    sys.exit(outcome.shell_status)
+
+
+# --- listing ------------------------------------------------------------------------------
+
+
+def _fmt_cpu(usec: int | None) -> str:
+    return "-" if usec is None else f"{usec / 1e6:.1f}s"
+
+
+@cli.command()
+@click.option("--all", "-a", "all_", is_flag=True, help="Include ended runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_ctx
+def ps(c: Ctx, all_: bool, as_json: bool) -> None:
+    """List runs."""
+    from .units import format_bytes
+
+    views = c.corral.ps(all=all_)
+    if as_json:
+        _echo_json([v.to_json() for v in views])
+        return
+    rows = []
+    for v in views:
+        r = v.record
+        status = v.state
+        if v.state in ("exited", "failed") and r.exit_code is not None:
+            status += f"({r.exit_code})"
+        elif r.signal:
+            status += f"(sig {r.signal})"
+        rows.append([r.id, r.agent, status, str(v.pids if v.pids is not None else "-"),
+                     format_bytes(v.memory_bytes), _fmt_cpu(v.cpu_usec), (r.started_at or "-")[:19],
+                     " ".join(r.argv)[:60]])
+    _table(rows, ["ID", "AGENT", "STATE", "PIDS", "MEM", "CPU", "STARTED", "COMMAND"])
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def show(c: Ctx, run_ref: str, as_json: bool) -> None:
+    """Show one run: record, cgroup, processes, limits."""
+    from .units import format_bytes
+
+    view = c.corral.view(run_ref)
+    data = view.to_json()
+    data["cgroup"] = view.record.cgroup
+    data["processes"] = c.corral.processes(run_ref) if view.state not in ("exited", "failed", "killed", "timeout",
+                                                                         "lost") else []
+    data["limits"] = view.record.limits
+    data["log"] = view.record.log
+    data["inspect"] = _inspect_hints(view.record)
+    if as_json:
+        _echo_json(data)
+        return
+    for key in ("id", "agent", "state", "unit", "backend", "cgroup", "main_pid", "pids", "started_at", "ended_at",
+                "exit_code", "signal", "ended_by", "leftovers_killed", "session", "cwd", "log"):
+        if data.get(key) is not None:
+            click.echo(f"{key + ':':18}{data[key]}")
+    click.echo(f"{'argv:':18}{' '.join(data['argv'])}")
+    click.echo(f"{'memory:':18}{format_bytes(data['memory_bytes'])} ({data.get('memory_source') or '-'})")
+    click.echo(f"{'cpu:':18}{_fmt_cpu(data['cpu_usec'])}")
+    effective = (data["limits"] or {}).get("effective") or {}
+    for key, entry in effective.items():
+        note = "" if entry.get("enforced") else f"  ({entry.get('note') or 'not enforced here'})"
+        click.echo(f"{'limit ' + key + ':':18}requested {entry.get('requested')}, effective {entry.get('effective')}{note}")
+    if data["processes"]:
+        click.echo("processes:")
+        for p in data["processes"]:
+            click.echo(f"  {p['pid']:>7} {p['ppid'] or '-':>7} {p['role']:6} {' '.join(p['argv'])[:100]}")
+    for line in data["inspect"]:
+        click.echo(f"inspect:          {line}")
+
+
+def _inspect_hints(record: Any) -> list[str]:
+    if record.backend == "systemd":
+        user = " --user" if "/user@" in record.cgroup else ""
+        return [f"systemctl{user} status {record.unit}", f"systemd-cgls{user} --unit {record.unit}"]
+    return [f"cat {record.cgroup}/cgroup.procs"]
+
+
+# --- ending -------------------------------------------------------------------------------
+
+
+def _report_end(c: Ctx, records: list[Any], verb: str, survivors_of: dict[str, list[int]]) -> None:
+    bad = {rid: s for rid, s in survivors_of.items() if s}
+    for r in records:
+        if r.id in bad:
+            click.echo(f"{r.id}: still alive after {verb}: pids {bad[r.id][:20]}", err=True)
+        else:
+            click.echo(f"{r.id}: {verb}, 0 processes left")
+    if bad:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every live run.")
+@click.option("--grace", type=float, default=10.0, show_default=True, metavar="SECS")
+@pass_ctx
+def stop(c: Ctx, target: str | None, all_: bool, grace: float) -> None:
+    """SIGTERM every process of TARGET (run id, agent, --all); SIGKILL what remains after --grace."""
+    records = c.corral.targets(target, all_runs=all_)
+    _report_end(c, records, "stopped", {r.id: c.corral.stop_run(r.id, grace) for r in records})
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every live run.")
+@click.option("--signal", "-s", "sig", default="KILL", show_default=True, help="Signal name or number.")
+@pass_ctx
+def kill(c: Ctx, target: str | None, all_: bool, sig: str) -> None:
+    """Kill every process of TARGET (run id, agent, --all) and verify the cgroup is empty."""
+    from .units import parse_signal
+
+    signum = parse_signal(sig)
+    records = c.corral.targets(target, all_runs=all_)
+    _report_end(c, records, "killed", {r.id: c.corral.kill_run(r.id, signum) for r in records})
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--timeout", type=float, default=None, metavar="SECS")
+@pass_ctx
+def wait(c: Ctx, run_ref: str, timeout: float | None) -> None:
+    """Wait for RUN to end; exit with its status (124 timeout, 128+N signal)."""
+    from .supervise import Outcome
+
+    record = c.corral.wait(run_ref, timeout=timeout)
+    click.echo(f"{record.id}: {record.state}", err=True)
+    if record.state == "lost":
+        sys.exit(1)
+    sys.exit(Outcome(record.state, record.ended_by or "", record.exit_code, record.signal, 0).shell_status)
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
+@pass_ctx
+def logs(c: Ctx, run_ref: str, follow: bool) -> None:
+    """Print the output of a detached RUN."""
+    out = sys.stdout.buffer
+    for chunk in c.corral.logs(run_ref, follow=follow):
+        out.write(chunk)
+        out.flush()
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@pass_ctx
+def pause(c: Ctx, run_ref: str) -> None:
+    """Freeze every process of RUN (cgroup.freeze)."""
+    c.corral.pause(run_ref)
+    click.echo(f"{run_ref}: paused")
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@pass_ctx
+def resume(c: Ctx, run_ref: str) -> None:
+    """Thaw a paused RUN."""
+    c.corral.resume(run_ref)
+    click.echo(f"{run_ref}: resumed")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def doctor(c: Ctx, as_json: bool) -> None:
+    """Say which backend is usable here, why, and what is missing."""
+    from .doctor import diagnose
+
+    report = diagnose(c.backend_name)
+    if as_json:
+        _echo_json(report)
+    else:
+        for b in report["backends"]:
+            mark = "usable" if b["usable"] else "not usable"
+            click.echo(f"{b['name']}: {mark}")
+            for r in b["reasons"]:
+                click.echo(f"  - {r}")
+            for m in b["missing"]:
+                click.echo(f"  missing: {m}")
+        click.echo(f"chosen: {report['chosen'] or 'none'}")
+        for k, v in report["dirs"].items():
+            click.echo(f"{k} dir: {v}")
+    if not report["chosen"]:
+        sys.exit(69)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map errors to exit codes, in one place."""
+    try:
+        rv = cli.main(args=argv, prog_name="corral", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(2 if isinstance(err, click.UsageError) else err.exit_code)
+    except CorralError as err:
+        click.echo(f"corral: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""One error tree for corral.
+
+Every error corral raises is a :class:`CorralError`; each subclass also inherits the
+built-in it resembles, so callers can catch ``LookupError`` or ``PermissionError``
+without knowing corral. Exit codes live here, in one table, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class CorralError(Exception):
+    """Base of every error corral raises. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class UsageError(CorralError, ValueError):
+    """Bad usage or invalid input: names, values, flags."""
+
+    exit_code = 2
+
+
+class InvalidName(UsageError):
+    """A name that cannot become a unit name or a cgroup directory."""
+
+
+class NotFound(CorralError, LookupError):
+    """A run, agent or profile that does not exist."""
+
+    exit_code = 3
+
+
+class RunNotFound(NotFound):
+    def __init__(self, run_id: str, *, hint: str | None = "list runs with: corral ps --all") -> None:
+        super().__init__(f"no run {run_id!r}", hint=hint)
+        self.run_id = run_id
+
+
+class NoBackend(CorralError, RuntimeError):
+    """Neither a reachable systemd nor a writable cgroup v2 tree."""
+
+    exit_code = 69
+
+
+class Busy(CorralError, TimeoutError):
+    """A lease or a slot was not granted in time."""
+
+    exit_code = 75
+
+
+class PermissionDenied(CorralError, PermissionError):
+    exit_code = 77
+
+
+class ConfigError(CorralError, ValueError):
+    """The config file is malformed or holds an invalid value."""
+
+    exit_code = 78
+
+
+class BackendError(CorralError, OSError):
+    """A backend operation failed (D-Bus call, cgroup file write)."""
+
+    exit_code = 1
+
+
+class SpawnError(CorralError, OSError):
+    """The command could not be started (not found, not executable)."""
+
+    def __init__(self, message: str, *, errno: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.errno = errno
+        # Shells use 127 for "not found" and 126 for "found but not executable".
+        self.exit_code = 127 if errno == _errno.ENOENT else 126
+
+
+class TeardownIncomplete(CorralError, RuntimeError):
+    """A cgroup could not be emptied; carries what is still alive."""
+
+    def __init__(self, message: str, *, survivors: list[int], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.survivors = survivors
+
+
+def translate_oserror(err: OSError, *, what: str, path: str | None = None) -> CorralError:
+    """Turn an OSError from a cgroup or state file into corral's tree, once, at the edge."""
+    where = f" ({path})" if path else ""
+    if err.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        return PermissionDenied(
+            f"{what}: permission denied{where}",
+            hint="run as root, or as the user who owns this cgroup tree (see: corral doctor)",
+        )
+    return BackendError(f"{what}: {err.strerror or err}{where}")

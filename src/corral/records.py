@@ -1,0 +1,168 @@
+"""Run records: one JSON file per run in the state dir, written atomically.
+
+A record is written when a run is planned (``starting``), when its processes are in the
+unit (``running``) and when it ends. Writes go to a unique temp file in the same
+directory, are fsynced, renamed over the record and the directory is fsynced, so a
+reader sees the old or the new record and never a torn one, even across a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import RunNotFound, UsageError, translate_oserror
+from .names import is_run_id
+
+LIVE_STATES = ("starting", "running", "paused")
+END_STATES = ("exited", "failed", "killed", "timeout", "lost")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    agent: str
+    argv: list[str]
+    cwd: str
+    backend: str
+    unit: str
+    cgroup: str  # absolute path of the run's cgroup v2 directory
+    state: str = "starting"
+    detached: bool = False
+    session: str | None = None
+    main_pid: int | None = None
+    owner_pid: int | None = None
+    owner_start: float | None = None  # psutil create_time: tells a reused pid apart
+    helper_pids: list[int] = field(default_factory=list)  # corral's own pids in the cgroup
+    started_at: str | None = None
+    ended_at: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    ended_by: str | None = None  # exited | killed | timeout | lost-owner | ...
+    leftovers_killed: int | None = None
+    timeout: float | None = None
+    log: str | None = None
+    limits: dict[str, Any] = field(default_factory=dict)
+    adopted: bool = False  # found live by name, with no record of ours
+
+    @property
+    def ended(self) -> bool:
+        return self.state in END_STATES
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def replace(self, **changes: Any) -> "RunRecord":
+        return dataclasses.replace(self, **changes)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """temp file in the same dir + fsync + rename + dir fsync."""
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class RecordStore:
+    """The ``runs/`` directory of the state dir."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    def ensure(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as err:
+            raise translate_oserror(err, what="create state dir", path=str(self.dir)) from err
+
+    def path(self, run_id: str) -> Path:
+        return self.dir / f"{run_id}.json"
+
+    def log_path(self, run_id: str) -> Path:
+        return self.dir / f"{run_id}.log"
+
+    def save(self, record: RunRecord) -> RunRecord:
+        self.ensure()
+        data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
+        try:
+            atomic_write(self.path(record.id), data)
+        except OSError as err:
+            raise translate_oserror(err, what="write run record", path=str(self.path(record.id))) from err
+        return record
+
+    def load(self, run_id: str) -> RunRecord | None:
+        try:
+            data = json.loads(self.path(run_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # unreadable or foreign: treated as absent, never fatal
+        return RunRecord.from_json(data)
+
+    def all(self) -> Iterator[RunRecord]:
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return
+        for name in sorted(names):
+            if name.endswith(".json") and is_run_id(name[:-5]):
+                record = self.load(name[:-5])
+                if record is not None:
+                    yield record
+
+    def resolve(self, ref: str) -> str:
+        """A full run id from an id or a unique prefix of one."""
+        if not ref or not all(c in "0123456789abcdef" for c in ref):
+            raise RunNotFound(ref)
+        if is_run_id(ref):
+            return ref
+        try:
+            matches = sorted(n[:-5] for n in os.listdir(self.dir) if n.startswith(ref) and n.endswith(".json"))
+        except FileNotFoundError:
+            matches = []
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise UsageError(f"run id prefix {ref!r} is ambiguous: {', '.join(matches[:5])}")
+        raise RunNotFound(ref)
+
+    def delete(self, run_id: str) -> None:
+        for path in (self.path(run_id), self.log_path(run_id)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass

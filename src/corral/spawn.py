@@ -1,0 +1,148 @@
+"""fork + exec with a gate: the child waits until its parent has placed it in the run's cgroup.
+
+``subprocess.Popen`` blocks until the child has exec'd, so a child that must wait for
+the parent (systemd moves it into the scope first) cannot be started with it. Here the
+child is forked, joins its cgroup or waits on the gate pipe, and reports a failed exec
+through a close-on-exec error pipe, the way ``_posixsubprocess`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+from .errors import SpawnError
+
+_RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGPIPE,
+                  signal.SIGXFSZ)
+
+
+def reset_signals_in_child() -> None:
+    """Undo what Python (SIGPIPE ignored, SIGINT handler) and corral changed."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+@dataclass
+class HeldChild:
+    """A forked child waiting at the gate. ``release()`` lets it exec."""
+
+    pid: int
+    argv: Sequence[str]
+    _gate_w: int
+    _err_r: int
+
+    def release(self) -> None:
+        """Open the gate; return once the child has exec'd, raise :class:`SpawnError` if it could not."""
+        try:
+            os.write(self._gate_w, b"g")
+        except BrokenPipeError:
+            pass
+        os.close(self._gate_w)
+        self._gate_w = -1
+        data = b""
+        while True:
+            chunk = os.read(self._err_r, 64)
+            if not chunk:
+                break
+            data += chunk
+        os.close(self._err_r)
+        if data:
+            os.waitpid(self.pid, 0)
+            code = int(data.split(b":")[0] or 0)
+            raise SpawnError(
+                f"cannot run {self.argv[0]!r}: {os.strerror(code)}",
+                errno=code,
+                hint="check the command name and PATH" if code == 2 else None,
+            )
+
+    def abort(self) -> None:
+        """Close the gate without opening it: the child exits without running anything."""
+        if self._gate_w >= 0:
+            os.close(self._gate_w)
+            self._gate_w = -1
+        try:
+            os.close(self._err_r)
+        except OSError:
+            pass
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+
+
+def _child(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | None,
+    stdio: tuple[int, int, int],
+    join: Callable[[], None] | None,
+    gate_r: int,
+    err_w: int,
+    new_session: bool,
+) -> None:
+    """Runs in the forked child; never returns."""
+    try:
+        reset_signals_in_child()
+        if new_session:
+            os.setsid()
+        if os.read(gate_r, 1) != b"g":
+            os._exit(125)
+        if join is not None:
+            join()  # into its leaf cgroup, after the parent placed it in the unit
+        for target, fd in enumerate(stdio):
+            if fd != target:
+                os.dup2(fd, target)
+            else:
+                os.set_inheritable(fd, True)
+        if cwd:
+            os.chdir(cwd)
+        # Close everything else; err_w is close-on-exec so it reports only a failed exec.
+        os.closerange(3, err_w)
+        os.closerange(err_w + 1, 65536)
+        os.execvpe(argv[0], list(argv), dict(env))
+    except OSError as err:
+        try:
+            os.write(err_w, f"{err.errno}:".encode())
+        finally:
+            os._exit(127)
+    except BaseException:  # noqa: BLE001 - nothing may return into the parent's code
+        os._exit(127)
+    os._exit(127)
+
+
+def fork_held(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None = None,
+    stdio: tuple[int, int, int] = (0, 1, 2),
+    join: Callable[[], None] | None = None,
+    new_session: bool = False,
+) -> HeldChild:
+    """Fork a child that waits for ``release()``, runs *join* (if any), then execs."""
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(gate_w)
+        os.close(err_r)
+        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session)
+    os.close(gate_r)
+    os.close(err_w)
+    return HeldChild(pid=pid, argv=argv, _gate_w=gate_w, _err_r=err_r)
+
+
+def exit_code_of(status: int) -> tuple[int | None, int | None]:
+    """waitpid status -> (exit_code, signal)."""
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status)
+    return os.WEXITSTATUS(status), None

@@ -1,0 +1,62 @@
+"""What a caller asks for: the run's command, place and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .names import validate_agent
+from .units import parse_duration, parse_percent, parse_positive_int, parse_size
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_max: int | None = None  # bytes
+    memory_high: int | None = None  # bytes
+    cpu_quota: float | None = None  # percent of one CPU
+    tasks_max: int | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        memory_max: str | int | None = None,
+        memory_high: str | int | None = None,
+        cpu_quota: str | float | None = None,
+        tasks_max: str | int | None = None,
+    ) -> "Limits":
+        return cls(
+            memory_max=parse_size(memory_max) if memory_max is not None else None,
+            memory_high=parse_size(memory_high) if memory_high is not None else None,
+            cpu_quota=parse_percent(cpu_quota) if cpu_quota is not None else None,
+            tasks_max=parse_positive_int(tasks_max, "tasks max") if tasks_max is not None else None,
+        )
+
+    def requested(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run to start. ``argv[0]`` is looked up on PATH like a shell would."""
+
+    agent: str
+    argv: tuple[str, ...]
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    timeout: float | None = None  # seconds
+    session: str | None = None
+    grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
+
+    def __post_init__(self) -> None:
+        validate_agent(self.agent)
+        if not self.argv:
+            raise UsageError("no command given", hint="put the command after --, e.g. corral run lane1 -- make test")
+        object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", parse_duration(self.timeout))
+        for key in self.env:
+            if not key or "=" in key or "\0" in key:
+                raise UsageError(f"invalid environment variable name {key!r}")

@@ -1,0 +1,305 @@
+"""The owner side of a run: wait for the main command, the watchdog, signals and deadlines.
+
+The owner is the process that forked the run's main command (the attached ``corral run``,
+or the small process a ``--detach`` run leaves in its scope). It waits on pidfds and a
+signal wakeup fd with poll(2); no busy loops. When the main command ends, whatever it
+left in the cgroup is killed and the end is recorded.
+
+The watchdog is a tiny ``sh`` in the run's cgroup that blocks reading a pipe whose only
+writer is the owner. If the owner dies, even by SIGKILL, the kernel closes the pipe, the
+read returns, and the watchdog writes ``cgroup.kill``: nothing outlives its owner. When
+the owner ends normally it writes ``done`` first.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .cgroup import CgroupDir
+from .records import RunRecord, now_iso
+from .spawn import exit_code_of
+
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .records import RecordStore
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+# sh: ignore terminal and stop signals (the owner decides), wait for "done" or EOF.
+WATCHDOG_SCRIPT = (  # $1 is the scope's cgroup.kill
+    "trap '' INT HUP QUIT TERM; "
+    'while read -r line; do [ "$line" = done ] && exit 0; done; '
+    'echo 1 > "$1"'
+)
+
+
+def watchdog_argv(kill_file: str) -> list[str]:
+    return ["/bin/sh", "-c", WATCHDOG_SCRIPT, "corral-watchdog", kill_file]
+
+
+@dataclass
+class Outcome:
+    state: str
+    ended_by: str
+    exit_code: int | None
+    signal: int | None
+    leftovers: int
+
+    @property
+    def shell_status(self) -> int:
+        """What an attached ``corral run`` exits with (the contract's table)."""
+        if self.state == "timeout":
+            return 124
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 1
+
+
+def outcome_state(exit_code: int | None, sig: int | None, ended_by: str) -> str:
+    if ended_by == "timeout":
+        return "timeout"
+    if ended_by in ("killed", "stopped", "lost-supervisor") or sig is not None:
+        return "killed"
+    return "exited" if exit_code == 0 else "failed"
+
+
+class Owner:
+    """Owns one run until it ends. Used by the attached CLI, the library and detached owners.
+
+    The owner is never in the payload: it kills the payload, reaps, records, and only then
+    lets the scope go. A detached owner sits in the scope's ``supervisor`` leaf.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: "Backend",
+        store: "RecordStore",
+        record: RunRecord,
+        cgroup: CgroupDir,
+        main_pid: int,
+        watchdog_pid: int,
+        watchdog_fd: int,
+        timeout: float | None,
+        grace: float,
+        in_cgroup: bool,
+        reap_orphans: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.record = record
+        self.cgroup = cgroup
+        self.payload = cgroup.payload
+        self.main_pid = main_pid
+        self.watchdog_pid = watchdog_pid
+        self.watchdog_fd = watchdog_fd
+        self.timeout = timeout
+        self.grace = grace
+        self.in_cgroup = in_cgroup  # a detached owner lives in its own run's scope
+        self.reap_orphans = reap_orphans  # we are a child subreaper: orphans come to us
+        self.started = time.monotonic()
+        self.outcome: Outcome | None = None
+
+    # ------------------------------------------------------------------------------------
+
+    def wait(self, *, handle_signals: bool = False) -> Outcome:
+        """Block until the run has ended and its cgroup is empty; record and return how."""
+        if self.outcome is not None:
+            return self.outcome
+        main_fd = os.pidfd_open(self.main_pid)
+        wd_fd = os.pidfd_open(self.watchdog_pid)
+        wake_r = wake_w = -1
+        old_handlers: dict[int, object] = {}
+        received: list[int] = []
+        listen = list(FORWARDED) if handle_signals else []
+        if self.reap_orphans:
+            listen.append(signal.SIGCHLD)
+        if listen:
+            wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            old_wakeup = signal.set_wakeup_fd(wake_w)
+            for sig in listen:
+                old_handlers[sig] = signal.signal(sig, lambda s, _f: received.append(s))
+        poller = select.poll()
+        poller.register(main_fd, select.POLLIN)
+        poller.register(wd_fd, select.POLLIN)
+        if wake_r >= 0:
+            poller.register(wake_r, select.POLLIN)
+
+        status: int | None = None
+        ended_by = "exited"
+        timeout_at = self.started + self.timeout if self.timeout else None
+        grace_at: float | None = None
+        try:
+            while status is None:
+                now = time.monotonic()
+                deadlines = [d for d in (timeout_at, grace_at) if d is not None]
+                wait_ms = max(0.0, min(deadlines) - now) * 1000 if deadlines else None
+                events = dict(poller.poll(wait_ms))
+                now = time.monotonic()
+                if main_fd in events:
+                    status = self._reap(self.main_pid)
+                    break
+                if wake_r in events:
+                    _drain(wake_r)
+                    for sig in received:
+                        if sig == signal.SIGCHLD:
+                            self._reap_orphans()
+                            continue
+                        self._forward(sig)
+                        if grace_at is None:
+                            grace_at = now + self.grace
+                    received.clear()
+                if wd_fd in events:
+                    # The watchdog is gone (killed by hand?): nothing guards the run any more.
+                    poller.unregister(wd_fd)
+                    self._reap(self.watchdog_pid, nohang=True)
+                    ended_by = "lost-supervisor"
+                    self.backend.teardown(self.payload)
+                    continue
+                if timeout_at is not None and now >= timeout_at:
+                    ended_by = "timeout"
+                    timeout_at = None
+                    self.backend.teardown(self.payload)
+                    continue
+                if grace_at is not None and now >= grace_at:
+                    ended_by = "killed"
+                    grace_at = None
+                    self.backend.teardown(self.payload)
+                    continue
+        finally:
+            os.close(main_fd)
+            os.close(wd_fd)
+            if listen:
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)  # type: ignore[arg-type]
+                signal.set_wakeup_fd(old_wakeup)
+                os.close(wake_r)
+                os.close(wake_w)
+        return self._finish(status, ended_by)
+
+    def _finish(self, status: int, ended_by: str) -> Outcome:
+        exit_code, sig = exit_code_of(status)
+        leftovers = len(self.payload.pids())
+        self.backend.teardown(self.payload)
+        if self.reap_orphans:
+            self._reap_orphans()
+        if ended_by == "exited" and sig is not None:
+            # Killed from outside (corral kill/stop, systemctl stop, OOM): say so.
+            ended_by = "killed"
+        state = outcome_state(exit_code, sig, ended_by)
+        self.outcome = Outcome(state, ended_by, exit_code, sig, leftovers)
+        self.record = self.record.replace(
+            state=state,
+            ended_by=ended_by,
+            exit_code=exit_code,
+            signal=sig,
+            ended_at=now_iso(),
+            leftovers_killed=leftovers,
+        )
+        _tell_watchdog_done(self.watchdog_fd)
+        self._reap(self.watchdog_pid)
+        self.store.save(self.record)
+        if self.in_cgroup:
+            self._leave_scope()
+            return self.outcome
+        if not self.cgroup.wait_empty(2.0):
+            self.backend.teardown(self.cgroup)
+        self.backend.release(self.record.agent, self.record.id, self.cgroup)
+        return self.outcome
+
+    def _leave_scope(self) -> None:
+        """A detached owner steps out of its scope so the scope can empty and be removed.
+        Where it may not (a delegated subtree without the root), it stays: the scope empties
+        when it exits, and ``corral ps`` / ``gc`` remove what is left."""
+        root = getattr(self.backend, "root", None)
+        if root is None:
+            return  # systemd collects the scope once this process exits
+        try:
+            from .cgroup import join
+
+            join(root)
+        except OSError:
+            return
+        self.backend.release(self.record.agent, self.record.id, self.cgroup)
+
+    def _reap_orphans(self) -> None:
+        """Reap children that are not main or the watchdog (orphans handed to us as subreaper)."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in (self.main_pid, self.watchdog_pid):
+                return  # main and the watchdog are reaped through their pidfds
+            try:
+                os.waitpid(info.si_pid, 0)
+            except ChildProcessError:
+                return
+
+    def _forward(self, sig: int) -> None:
+        if sig == signal.SIGINT and _tty_delivered():
+            return  # the terminal already sent it to the whole foreground group, main included
+        try:
+            os.kill(self.main_pid, sig)
+        except ProcessLookupError:
+            pass
+
+    @staticmethod
+    def _reap(pid: int, nohang: bool = False) -> int:
+        while True:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG if nohang else 0)
+                return status if got else 0
+            except ChildProcessError:
+                return 0
+            except InterruptedError:
+                continue
+
+
+def set_child_subreaper() -> bool:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphans of the run come to us, not to PID 1, so
+    they are reaped at once (some PID 1s reap late, leaving zombies behind a kill)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _tell_watchdog_done(fd: int) -> None:
+    try:
+        os.write(fd, b"done\n")
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+    except OSError as err:
+        if err.errno != errno.EAGAIN:
+            raise
+
+
+def _tty_delivered() -> bool:
+    """True if we are in the terminal's foreground process group (so Ctrl-C hit everyone)."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False

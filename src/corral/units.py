@@ -1,0 +1,89 @@
+"""Parsing of sizes, durations, percentages and signals given on the command line."""
+
+from __future__ import annotations
+
+import re
+import signal as _signal
+
+from .errors import UsageError
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str | int) -> int:
+    """``512M``, ``2G``, ``1048576`` -> bytes (base 1024, as systemd does)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise UsageError(f"invalid size {text!r}", hint="use bytes or K/M/G/T, e.g. 512M or 2G")
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise UsageError(f"invalid size {text!r}: must be greater than 0")
+    return value
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``90s``, ``30m``, ``2h``, ``1.5`` -> seconds."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*", str(text))
+        if not m:
+            raise UsageError(f"invalid duration {text!r}", hint="use e.g. 90s, 30m, 2h")
+        value = float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
+    if value <= 0:
+        raise UsageError(f"invalid duration {text!r}: must be greater than 0")
+    return value
+
+
+def parse_percent(text: str | float | int) -> float:
+    """``150%`` or ``150`` -> 150.0 (percent of one CPU, as systemd's CPUQuota)."""
+    raw = str(text).strip().rstrip("%").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"invalid CPU quota {text!r}", hint="use a percentage of one CPU, e.g. 50% or 200%") from None
+    if value <= 0 or value > 100_000:
+        raise UsageError(f"invalid CPU quota {text!r}: must be between 0% and 100000%")
+    return value
+
+
+def parse_positive_int(text: str | int, what: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid {what} {text!r}: not an integer") from None
+    if value <= 0:
+        raise UsageError(f"invalid {what} {text!r}: must be greater than 0")
+    return value
+
+
+def parse_signal(text: str | int) -> int:
+    """``KILL``, ``SIGTERM``, ``9`` -> signal number."""
+    if isinstance(text, int) or str(text).isdigit():
+        num = int(text)
+        try:
+            _signal.Signals(num)
+        except ValueError:
+            raise UsageError(f"invalid signal {text!r}") from None
+        return num
+    name = str(text).upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(_signal.Signals[name])
+    except KeyError:
+        raise UsageError(f"invalid signal {text!r}", hint="use a name like TERM or KILL, or a number") from None
+
+
+def format_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024  # type: ignore[assignment]
+    return str(value)
