@@ -219,8 +219,8 @@ class CgroupDir:
             poller = select.poll()
             poller.register(fd, select.POLLPRI | select.POLLERR)
             while True:
-                os.lseek(fd, 0, os.SEEK_SET)
                 try:
+                    os.lseek(fd, 0, os.SEEK_SET)
                     text = os.read(fd, 4096).decode()
                 except OSError as err:
                     if err.errno == errno.ENODEV:  # cgroup removed under us

@@ -115,6 +115,11 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
 # --- listing ------------------------------------------------------------------------------
 
 
+def _oneline(argv: list[str]) -> str:
+    """argv as one line: newlines and runs of blanks in scripts would break a table."""
+    return " ".join(" ".join(argv).split())
+
+
 def _fmt_cpu(usec: int | None) -> str:
     return "-" if usec is None else f"{usec / 1e6:.1f}s"
 
@@ -141,7 +146,7 @@ def ps(c: Ctx, all_: bool, as_json: bool) -> None:
             status += f"(sig {r.signal})"
         rows.append([r.id, r.agent, status, str(v.pids if v.pids is not None else "-"),
                      format_bytes(v.memory_bytes), _fmt_cpu(v.cpu_usec), (r.started_at or "-")[:19],
-                     " ".join(r.argv)[:60]])
+                     _oneline(r.argv)[:60]])
     _table(rows, ["ID", "AGENT", "STATE", "PIDS", "MEM", "CPU", "STARTED", "COMMAND"])
 
 
@@ -168,7 +173,7 @@ def show(c: Ctx, run_ref: str, as_json: bool) -> None:
                 "exit_code", "signal", "ended_by", "leftovers_killed", "session", "cwd", "log"):
         if data.get(key) is not None:
             click.echo(f"{key + ':':18}{data[key]}")
-    click.echo(f"{'argv:':18}{' '.join(data['argv'])}")
+    click.echo(f"{'argv:':18}{_oneline(data['argv'])}")
     click.echo(f"{'memory:':18}{format_bytes(data['memory_bytes'])} ({data.get('memory_source') or '-'})")
     click.echo(f"{'cpu:':18}{_fmt_cpu(data['cpu_usec'])}")
     effective = (data["limits"] or {}).get("effective") or {}
@@ -178,7 +183,7 @@ def show(c: Ctx, run_ref: str, as_json: bool) -> None:
     if data["processes"]:
         click.echo("processes:")
         for p in data["processes"]:
-            click.echo(f"  {p['pid']:>7} {p['ppid'] or '-':>7} {p['role']:6} {' '.join(p['argv'])[:100]}")
+            click.echo(f"  {p['pid']:>7} {p['ppid'] or '-':>7} {p['role']:6} {_oneline(p['argv'])[:100]}")
     for line in data["inspect"]:
         click.echo(f"inspect:          {line}")
 
@@ -186,7 +191,8 @@ def show(c: Ctx, run_ref: str, as_json: bool) -> None:
 def _inspect_hints(record: Any) -> list[str]:
     if record.backend == "systemd":
         user = " --user" if "/user@" in record.cgroup else ""
-        return [f"systemctl{user} status {record.unit}", f"systemd-cgls{user} --unit {record.unit}"]
+        cgls = "--user-unit" if user else "--unit"
+        return [f"systemctl{user} status {record.unit}", f"systemd-cgls {cgls} {record.unit}"]
     return [f"cat {record.cgroup}/cgroup.procs"]
 
 
@@ -238,7 +244,8 @@ def wait(c: Ctx, run_ref: str, timeout: float | None) -> None:
     from .supervise import Outcome
 
     record = c.corral.wait(run_ref, timeout=timeout)
-    click.echo(f"{record.id}: {record.state}", err=True)
+    left = f", {record.leftovers_killed} leftover process(es) killed" if record.leftovers_killed else ""
+    click.echo(f"{record.id}: {record.state}{left}", err=True)
     if record.state == "lost":
         sys.exit(1)
     sys.exit(Outcome(record.state, record.ended_by or "", record.exit_code, record.signal, 0).shell_status)

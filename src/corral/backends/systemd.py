@@ -124,6 +124,8 @@ class SystemdBackend(Backend):
             _id, job, _unit, result = msg.body
             self._done_jobs[job] = result
 
+        # pystemd keeps only a borrowed pointer to the callback: we must hold the reference.
+        self._job_callback = on_job_removed
         self.bus.match_signal(DEST, PATH, MANAGER, b"JobRemoved", on_job_removed)
         self._call(b"Subscribe", [], "subscribe to systemd")
         self._subscribed = True

@@ -1,0 +1,295 @@
+"""Run lifecycle through the CLI contract, the same cases over every backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CorralCLI, alive, kill_pids
+
+DETACHING = "setsid sleep 1000 & (sleep 1001 &); nohup sleep 1002 >/dev/null 2>&1 & sleep 1003"
+
+
+def _run_pids(corral: CorralCLI, run_id: str, want: int) -> list[int]:
+    """Wait until the run's payload holds *want* processes; return every pid of the run."""
+    def ready():  # type: ignore[no-untyped-def]
+        info = corral.show(run_id)
+        return info if info["pids"] >= want else None
+
+    info = corral.wait_for(ready, what=f"{want} processes in run {run_id}")
+    return [p["pid"] for p in info["processes"]]
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_status_passes_through(corral: CorralCLI, code: int) -> None:
+    agent = corral.agent()
+    proc = corral("run", agent, "--", "sh", "-c", f"echo hello; exit {code}")
+    assert proc.returncode == code, proc.stderr
+    assert "hello" in proc.stdout
+    runs = corral.json("ps", "--all", "--json")
+    mine = [r for r in runs if r["agent"] == agent]
+    assert len(mine) == 1
+    assert mine[0]["exit_code"] == code
+    assert mine[0]["state"] == ("exited" if code == 0 else "failed")
+    assert not corral.scopes_of(agent), "the run's cgroup must be gone after the run"
+
+
+def test_exit_by_signal_is_128_plus_n(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    proc = corral("run", agent, "--", "sh", "-c", "kill -9 $$")
+    assert proc.returncode == 128 + 9
+    (rec,) = [r for r in corral.json("ps", "--all", "--json") if r["agent"] == agent]
+    assert rec["state"] == "killed" and rec["signal"] == 9 and rec["exit_code"] is None
+
+
+def test_command_not_found_is_127_and_recorded(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    proc = corral("run", agent, "--", "corral-no-such-command-xyz")
+    assert proc.returncode == 127
+    assert "corral-no-such-command-xyz" in proc.stderr
+    assert not corral.scopes_of(agent)
+
+
+def test_detached_children_are_contained_and_killed(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sh", "-c", DETACHING)
+    pids = _run_pids(corral, run_id, want=5)
+    info = corral.show(run_id)
+    argvs = [" ".join(p["argv"]) for p in info["processes"]]
+    for n in (1000, 1001, 1002, 1003):
+        assert any(a == f"sleep {n}" for a in argvs), (n, argvs)
+    assert info["unit"] == f"corral-{agent}-{run_id}.scope"
+    proc = corral("kill", run_id)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert alive(pids) == [], "every process of the run is gone when kill returns"
+    finally:
+        kill_pids(alive(pids))
+    rec = corral.show(run_id)
+    assert rec["state"] == "killed"
+    assert rec["pids"] == 0
+    assert not corral.scopes_of(agent)
+
+
+def test_attached_run_leftovers_are_killed_and_counted(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    marker = f"/tmp/{agent}.pids"
+    proc = corral("run", agent, "--", "sh", "-c",
+                  f"setsid sleep 1000 & echo $! > {marker}; (sleep 1001 & echo $! >> {marker}); echo main-done")
+    assert proc.returncode == 0, proc.stderr
+    assert "main-done" in proc.stdout
+    pids = [int(x) for x in Path(marker).read_text().split()]
+    os.unlink(marker)
+    try:
+        assert alive(pids) == []
+    finally:
+        kill_pids(alive(pids))
+    (rec,) = [r for r in corral.json("ps", "--all", "--json") if r["agent"] == agent]
+    assert rec["leftovers_killed"] == 2
+    assert rec["state"] == "exited"
+
+
+def test_fork_storm_of_200_has_no_survivors(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sh", "-c", "for i in $(seq 200); do (setsid sleep 1000 &); done; "
+                                              "while :; do sleep 1000 & sleep 0.01; done")
+    pids = _run_pids(corral, run_id, want=201)
+    assert corral("kill", run_id).returncode == 0
+    try:
+        assert alive(pids) == []
+    finally:
+        kill_pids(alive(pids))
+    assert corral.show(run_id)["pids"] == 0
+
+
+def test_ps_counts_and_usage(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sh", "-c", "sleep 1000 & sleep 1000 & sleep 1000 & wait")
+    _run_pids(corral, run_id, want=4)
+    runs = {r["id"]: r for r in corral.json("ps", "--json")}
+    rec = runs[run_id]
+    for key in ("id", "agent", "state", "unit", "backend", "main_pid", "pids", "memory_bytes", "cpu_usec",
+                "started_at", "ended_at", "exit_code", "signal", "session", "argv", "cwd"):
+        assert key in rec, key
+    assert rec["state"] == "running"
+    assert rec["pids"] == 4
+    assert rec["backend"] == corral.backend
+    assert rec["memory_bytes"] and rec["memory_bytes"] > 100_000
+    assert rec["cpu_usec"] is None or rec["cpu_usec"] >= 0
+    assert rec["started_at"].endswith("Z") and rec["ended_at"] is None
+    table = corral("ps", check=True).stdout
+    assert run_id in table and agent in table
+    corral("kill", run_id, check=True)
+    assert run_id not in {r["id"] for r in corral.json("ps", "--json")}
+    assert run_id in {r["id"] for r in corral.json("ps", "--all", "--json")}
+
+
+def test_detach_logs_wait(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sh", "-c", "echo to-out; echo to-err >&2; sleep 0.3; exit 5")
+    waited = corral("wait", run_id, timeout=30)
+    assert waited.returncode == 5
+    logs = corral("logs", run_id, check=True).stdout
+    assert "to-out" in logs and "to-err" in logs
+    rec = corral.show(run_id)
+    assert rec["state"] == "failed" and rec["exit_code"] == 5
+    assert not corral.scopes_of(agent)
+
+
+def test_logs_follow_ends_with_the_run(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.2; done")
+    out = corral("logs", "--follow", run_id, timeout=30, check=True).stdout
+    assert out.split() == ["line1", "line2", "line3"]
+
+
+def test_pause_and_resume(corral: CorralCLI, tmp_path: Path) -> None:
+    agent = corral.agent()
+    ticks = tmp_path / "ticks"
+    run_id = corral.detach(agent, "sh", "-c", f"while :; do echo x >> {ticks}; sleep 0.02; done")
+    corral.wait_for(lambda: ticks.exists() and ticks.stat().st_size > 0, what="first tick")
+    corral("pause", run_id, check=True)
+    assert corral.show(run_id)["state"] == "paused"
+    size = ticks.stat().st_size
+    time.sleep(0.5)
+    assert ticks.stat().st_size == size, "a paused run does not make progress"
+    corral("resume", run_id, check=True)
+    assert corral.show(run_id)["state"] == "running"
+    corral.wait_for(lambda: ticks.stat().st_size > size, what="progress after resume")
+    corral("kill", run_id, check=True)
+
+
+def test_stop_sends_term_then_kills(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    polite = corral.detach(agent, "sleep", "1000")
+    stubborn = corral.detach(agent, "sh", "-c", "trap '' TERM; sleep 1000 & wait; sleep 1000")
+    _run_pids(corral, stubborn, want=2)
+    t0 = time.monotonic()
+    proc = corral("stop", agent, "--grace", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < 10
+    assert corral.show(polite)["state"] == "killed"
+    assert corral.show(stubborn)["state"] == "killed"
+    assert not corral.scopes_of(agent)
+
+
+def test_timeout_ends_whole_run_with_124(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    marker = f"/tmp/{agent}.pid"
+    t0 = time.monotonic()
+    proc = corral("run", "--timeout", "1s", agent, "--", "sh", "-c", f"setsid sleep 100 & echo $! > {marker}; sleep 100")
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 124, proc.stderr
+    assert elapsed < 10
+    pid = int(Path(marker).read_text())
+    os.unlink(marker)
+    assert alive([pid]) == []
+    (rec,) = [r for r in corral.json("ps", "--all", "--json") if r["agent"] == agent]
+    assert rec["state"] == "timeout"
+
+
+def test_killing_the_attached_owner_kills_the_run(corral: CorralCLI, tmp_path: Path) -> None:
+    agent = corral.agent()
+    marker = tmp_path / "pids"
+    owner = corral.popen("run", agent, "--", "sh", "-c",
+                         f"setsid sleep 1000 & echo $! >> {marker}; (sleep 1001 & echo $! >> {marker}); "
+                         f"echo $$ >> {marker}; sleep 1002", stdout=subprocess.DEVNULL)
+    corral.wait_for(lambda: marker.exists() and len(marker.read_text().split()) == 3, what="run started")
+    pids = [int(x) for x in marker.read_text().split()]
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    t0 = time.monotonic()
+    try:
+        corral.wait_for(lambda: not alive(pids), timeout=2.0, what="teardown after the owner died")
+    finally:
+        kill_pids(alive(pids))
+    assert time.monotonic() - t0 <= 2.0
+    corral.wait_for(lambda: not corral.scopes_of(agent) or all(
+        "populated 0" in (s / "cgroup.events").read_text() for s in corral.scopes_of(agent)), what="scope empty")
+    (rec,) = [r for r in corral.json("ps", "--all", "--json") if r["agent"] == agent]
+    assert rec["state"] == "lost"
+
+
+def test_limits_are_read_back(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sleep", "1000", opts=("--memory-max", "200M", "--tasks-max", "64"))
+    limits = corral.show(run_id)["limits"]
+    assert limits["requested"] == {"memory_max": 200 * 1024 * 1024, "tasks_max": 64}
+    for key, want in (("memory_max", 200 * 1024 * 1024), ("tasks_max", 64)):
+        entry = limits["effective"][key]
+        assert entry["requested"] == want
+        if entry["enforced"]:
+            assert entry["effective"] == want
+        else:
+            assert "not enforced" in entry["note"]
+        if corral.backend == "systemd":
+            assert entry["unit"] == want, "the manager holds the limit it was given"
+    text = corral("show", run_id, check=True).stdout
+    assert "limit memory_max" in text
+    corral("kill", run_id, check=True)
+
+
+def test_unknown_run_id_exits_3(corral: CorralCLI) -> None:
+    for args in (("show", "deadbeef"), ("kill", "deadbeef"), ("wait", "deadbeef"), ("logs", "deadbeef"),
+                 ("pause", "deadbeef"), ("stop", "deadbeef")):
+        proc = corral(*args)
+        assert proc.returncode == 3, (args, proc.returncode, proc.stderr)
+        assert "deadbeef" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["../x", "a b", "", "x" * 300, "a-b", "a/b", ".hidden", "a\nb"])
+def test_invalid_agent_names_exit_2_and_create_nothing(corral: CorralCLI, name: str) -> None:
+    before = set(os.listdir(corral.slice_dir())) if corral.slice_dir().exists() else set()
+    proc = corral("run", name, "--", "true")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "agent name" in proc.stderr
+    after = set(os.listdir(corral.slice_dir())) if corral.slice_dir().exists() else set()
+    assert after == before
+    runs_dir = Path(corral.env["XDG_STATE_HOME"]) / "corral" / "runs"
+    assert not runs_dir.exists() or not list(runs_dir.iterdir())
+
+
+@pytest.mark.parametrize("args", [
+    ("--memory-max", "lots"), ("--cpu-quota", "-5%"), ("--tasks-max", "0"), ("--timeout", "soon"),
+    ("--env", "NOEQUALS"), ("--cwd", "/no/such/dir"),
+])
+def test_invalid_values_exit_2(corral: CorralCLI, args: tuple[str, str]) -> None:
+    agent = corral.agent()
+    proc = corral("run", *args, agent, "--", "true")
+    assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
+    assert not corral.scopes_of(agent)
+
+
+def test_run_prefix_and_agent_targets(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    a = corral.detach(agent, "sleep", "1000")
+    b = corral.detach(agent, "sleep", "1000")
+    assert corral.show(a[:6])["id"] == a
+    proc = corral("kill", agent)
+    assert proc.returncode == 0
+    assert f"{a}: killed" in proc.stdout and f"{b}: killed" in proc.stdout
+    assert not corral.scopes_of(agent)
+
+
+def test_doctor_names_the_backend(corral: CorralCLI) -> None:
+    report = corral.json("doctor", "--json")
+    assert report["chosen"] == corral.backend
+    names = {b["name"]: b for b in report["backends"]}
+    assert names[corral.backend]["usable"] is True
+    text = corral("doctor", check=True).stdout
+    assert f"chosen: {corral.backend}" in text
+
+
+def test_readoption_finds_a_run_without_record(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sleep", "1000")
+    os.unlink(Path(corral.env["XDG_STATE_HOME"]) / "corral" / "runs" / f"{run_id}.json")
+    runs = {r["id"]: r for r in corral.json("ps", "--json")}
+    assert run_id in runs and runs[run_id]["adopted"] is True and runs[run_id]["agent"] == agent
+    assert corral("kill", run_id).returncode == 0
+    assert not corral.scopes_of(agent)
