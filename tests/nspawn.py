@@ -20,14 +20,22 @@ Library use::
         box.run(["pytest"], as_user=True)
 
 Standard library only; needs root, systemd-nspawn and nsenter on the host.
+
+Housekeeping that is easy to miss: each container gets its own cgroup (so
+parallel containers do not share nspawn's fixed ``payload`` cgroup), and the
+script is a child subreaper (so a command orphaned by a dying nsenter can
+still be killed before poweroff). The container is always powered off, also
+on exceptions and SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -54,6 +62,15 @@ PID1_TIMEOUT = 10.0  # from nspawn start to the container's PID 1 showing up
 USER_TIMEOUT = 30.0  # for user@.service to expose its sockets
 STOP_TIMEOUT = 15.0  # graceful poweroff before SIGKILL
 ABORT_TIMEOUT = 5.0  # for an interrupted command inside to exit on SIGTERM
+
+PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
+
+# Runs as "sh -c WRAPPER sh N FILE... CMD...": writes its pid into N
+# cgroup.procs files, then execs CMD (so the pid stays nspawn's).
+_CGROUP_WRAPPER = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ >"$1" || exit 125; '
+    'shift; n=$((n - 1)); done; exec "$@"'
+)
 
 DEFAULT_REPO = Path(__file__).resolve().parent.parent
 
@@ -127,55 +144,99 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _abort_nsenter(proc: subprocess.Popen[str]) -> None:
-    """Stop an nsenter *and* the process it forked into the container.
+def become_subreaper() -> None:
+    """Make orphaned descendants reparent to this process instead of host init.
 
-    Killing only nsenter would orphan its child to the *host's* init (the
-    parent was outside the container's pid namespace); the container's
-    shutdown then stalls ~10 s on that stray (and its busy bind mount).
+    When an nsenter dies before the command it forked into the container
+    (e.g. a terminal ^C hits the whole process group), that command would be
+    orphaned to the *host's* init, out of our reach: it keeps the bind mount
+    busy and stalls the container's shutdown by ~10 s. As a subreaper we can
+    find, kill and reap it. Process-wide, so only main() turns it on.
     """
-    with _signals_blocked():
-        if proc.poll() is None:
-            inside = _children(proc.pid)
-            for pid in inside:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=ABORT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                # nsenter is still alive, so these pids are still its
-                # children (not recycled): safe to SIGKILL by pid.
-                for pid in _children(proc.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                proc.kill()
-                proc.wait()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
-def _run_nsenter(
-    cmd: Sequence[str], *, capture: bool, timeout: float | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run an nsenter command line to completion, cleaning up on any exception.
-
-    nsenter itself gets only PATH, so the host's environment does not leak
-    into the container; the command's own variables are set with ``env``.
-    """
-    pipe = subprocess.PIPE if capture else None
-    proc = subprocess.Popen(
-        list(cmd),
-        # Captured runs are non-interactive; streamed runs share our stdio.
-        stdin=subprocess.DEVNULL if capture else None,
-        stdout=pipe,
-        stderr=pipe,
-        text=True,
-        env={"PATH": CONTAINER_PATH},
-    )
+def _reaped(pid: int) -> bool:
+    """Reap child *pid* if it has exited; True if it is gone."""
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:
-        _abort_nsenter(proc)
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+
+def _cgroup_bases() -> list[Path]:
+    """Our current cgroup dirs in the hierarchies nspawn uses (name=systemd, v2)."""
+    mounts: dict[str, Path] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, fs_part = line.partition(" - ")
+            fstype, _source, options = fs_part.split()[:3]
+            mountpoint = Path(fields.split()[4])
+            if fstype == "cgroup2":
+                mounts.setdefault("", mountpoint)
+            elif fstype == "cgroup" and "name=systemd" in options.split(","):
+                mounts.setdefault("name=systemd", mountpoint)
+    bases = []
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hier_id, controllers, path = line.rstrip("\n").split(":", 2)
+            key = "" if hier_id == "0" else controllers
+            if key in mounts:
+                bases.append(mounts[key] / path.lstrip("/"))
+    return bases
+
+
+def _make_cgroups(name: str) -> list[Path]:
+    """Create a private cgroup *name* below ours in each relevant hierarchy.
+
+    With --keep-unit and no systemd on the host, nspawn puts the container
+    in ``<its cgroup>/payload``; two containers started from the same cgroup
+    would share (and clobber) one tree, e.g. one's shutdown killing the
+    other's user@1001.service. Best effort: without them we still work alone.
+    """
+    made: list[Path] = []
+    try:
+        for base in _cgroup_bases():
+            cg = base / name
+            cg.mkdir()
+            made.append(cg)
+    except OSError as err:
+        print(f"nspawn.py: no private cgroup ({err}); parallel containers may clash",
+              file=sys.stderr)
+        _remove_cgroups(made)
+        return []
+    return made
+
+
+def _remove_cgroups(cgroups: Sequence[Path]) -> None:
+    """rmdir our cgroups bottom-up (nspawn/systemd leave sub-cgroups behind)."""
+    for cg in cgroups:
+        for dirpath, _dirs, _files in os.walk(cg, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+
+
+def _own_children() -> list[int]:
+    """Direct children of this process (any thread may be the parent)."""
+    pids: list[int] = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _pidns(pid: int) -> str | None:
+    """Identity of *pid*'s pid namespace (e.g. ``pid:[4026532301]``)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
 
 
 @functools.cache
@@ -201,6 +262,8 @@ class SystemdContainer:
         self.user = user
         self.pid1: int | None = None
         self._pid1_start: str | None = None
+        self._pidns: str | None = None  # the container's pid namespace
+        self._cgroups: list[Path] = []  # our private cgroups for nspawn
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
         self._user_ready = False
@@ -227,11 +290,21 @@ class SystemdContainer:
             raise RuntimeError("container already started")
         if not self.repo.is_dir():
             raise ContainerError(f"repository directory {self.repo} does not exist")
+        # Binding e.g. / or /var would expose the host's /tmp (or /usr, /etc)
+        # to the container's boot-time cleanup and writes.
+        for vital in ("/tmp", "/var/tmp", "/usr", "/etc", "/run"):
+            if Path(vital).is_relative_to(self.repo):
+                raise ContainerError(f"refusing to bind {self.repo}: it contains {vital}")
         # The log lives in the host's /tmp; the container never sees it (we
         # must not bind /tmp: the container's boot would clean the host's).
-        fd, log_name = tempfile.mkstemp(prefix="corral-nspawn-", suffix=".log")
+        name = f"corral-{os.getpid()}-{secrets.token_hex(3)}"
+        fd, log_name = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
         self._log_path = Path(log_name)
+        self._cgroups = _make_cgroups(name)
         cmd = [
+            # Move nspawn (same pid: exec) into its own cgroups first.
+            "sh", "-c", _CGROUP_WRAPPER, "sh", str(len(self._cgroups)),
+            *(str(cg / "cgroup.procs") for cg in self._cgroups),
             "systemd-nspawn",
             "-D", "/",
             "--volatile=yes",
@@ -241,7 +314,7 @@ class SystemdContainer:
             "--console=passive",
             # A unique machine name keeps parallel containers from sharing
             # /run/systemd/nspawn/propagate/<name> (default is the host name).
-            f"--machine=corral-{os.getpid()}-{fd}",
+            f"--machine={name}",
             f"--bind={self.repo}",
             # PAM config for runuser/user@.service; volatile /etc is empty.
             "--bind-ro=/etc/pam.d",
@@ -262,6 +335,7 @@ class SystemdContainer:
         except BaseException:
             os.close(fd)
             self._remove_log()
+            _remove_cgroups(self._cgroups)
             raise
         os.close(fd)
         try:
@@ -276,14 +350,23 @@ class SystemdContainer:
             raise
 
     def stop(self) -> None:
-        """Power the container off (SIGTERM, then SIGKILL), reap it, drop the log."""
+        """Power the container off (SIGTERM, then SIGKILL), reap it, drop the log.
+
+        Safe to call more than once, and after a failed start().
+        """
         # A further ^C/SIGTERM is held until teardown is done, then raises.
         with _signals_blocked():
+            # Strays keep /work busy and make the halt wait; end them first.
+            self._reap_strays()
             proc, self._proc = self._proc, None
             if proc is not None:
                 self._terminate(proc)
+            self._sweep_cgroups()
             self.pid1 = None
             self._pid1_start = None
+            self._pidns = None
+            _remove_cgroups(self._cgroups)
+            self._cgroups = []
             self._user_ready = False
             self._remove_log()
 
@@ -295,20 +378,119 @@ class SystemdContainer:
                 proc.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 # start_new_session made nspawn a group leader: pgid == pid.
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait()
         # nspawn normally takes PID 1 (and so the whole pid namespace) with
         # it; if it was SIGKILLed, make sure the init it spawned is gone too.
         # The start time check avoids hitting a recycled pid.
         pid1, start = self.pid1, self._pid1_start
         if pid1 is not None and start is not None and _proc_start_time(pid1) == start:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            # As a subreaper we may have inherited it; reap the zombie.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid1, 0)
+
+    def _sweep_cgroups(self) -> None:
+        """SIGKILL anything still in our private cgroups once nspawn is gone.
+
+        A SIGTERM that reaches nspawn before it has set up its handlers kills
+        it outright, orphaning the container's init (before we even knew its
+        pid). Everything in these cgroups was started by our nspawn.
+        """
+        for _ in range(100):
+            pids: set[int] = set()
+            for cg in self._cgroups:
+                for dirpath, _dirs, _files in os.walk(cg):
+                    with contextlib.suppress(OSError, ValueError):
+                        procs = Path(dirpath, "cgroup.procs").read_text().split()
+                        pids.update(int(p) for p in procs)
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+            # Orphans may have been reparented to us (subreaper): reap them.
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+
+    def _reap_strays(self) -> None:
+        """Kill and reap container processes that were orphaned to us.
+
+        Only processes in the container's pid namespace whose parent is this
+        process qualify: commands whose nsenter died under them (see
+        :func:`become_subreaper`). Nothing else is touched.
+        """
+        if self._pidns is None:
+            return
+        strays = [pid for pid in _own_children() if _pidns(pid) == self._pidns]
+        if not strays:
+            return
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + ABORT_TIMEOUT
+        while strays and time.monotonic() < deadline:
+            # Our own children, so waitpid() is safe and reaps the zombies.
+            strays = [pid for pid in strays if not _reaped(pid)]
+            time.sleep(0.05)
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+    def _run_nsenter(
+        self, cmd: Sequence[str], *, capture: bool, timeout: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run an nsenter command line to completion, cleaning up on any exception.
+
+        nsenter itself gets only PATH, so the host's environment does not
+        leak into the container; the command's own variables come via ``env``.
+        """
+        pipe = subprocess.PIPE if capture else None
+        proc = subprocess.Popen(
+            list(cmd),
+            # Captured runs are non-interactive; streamed runs share our stdio.
+            stdin=subprocess.DEVNULL if capture else None,
+            stdout=pipe,
+            stderr=pipe,
+            text=True,
+            env={"PATH": CONTAINER_PATH},
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            self._abort(proc)
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def _abort(self, proc: subprocess.Popen[str]) -> None:
+        """Stop an nsenter *and* the process it forked into the container.
+
+        Killing only nsenter would orphan its child out of the container's
+        reach (see :func:`become_subreaper`), so SIGTERM the child first.
+        """
+        with _signals_blocked():
+            if proc.poll() is None:
+                for pid in _children(proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=ABORT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    # nsenter is still alive, so these pids are still its
+                    # children (not recycled): safe to SIGKILL by pid.
+                    for pid in _children(proc.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    proc.kill()
+                    proc.wait()
+            # nsenter may have died first (^C to the process group).
+            self._reap_strays()
 
     def _remove_log(self) -> None:
         if self._log_path is not None:
@@ -350,10 +532,11 @@ class SystemdContainer:
                 if _innermost_pid(pid) == 1:
                     self.pid1 = pid
                     self._pid1_start = _proc_start_time(pid)
+                    self._pidns = _pidns(pid)
                     return
             time.sleep(0.05)
         self._dump_log("container PID 1 did not appear")
-        raise ContainerError(f"no container PID 1 after {PID1_TIMEOUT:.0f} s")
+        raise ContainerError(f"no container PID 1 after {PID1_TIMEOUT:g} s")
 
     def _nsenter(self) -> list[str]:
         """Prefix entering all the container's namespaces, cwd = the repo.
@@ -370,9 +553,11 @@ class SystemdContainer:
             return [*prefix, f"--wdns={self.repo}"]
         return [*prefix, "sh", "-c", 'cd "$0" && exec "$@"', str(self.repo)]
 
-    def _raw(self, argv: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    def _raw(
+        self, argv: Sequence[str], timeout: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run *argv* as root inside, captured, with only PATH set."""
-        return _run_nsenter([*self._nsenter(), *argv], capture=True, timeout=timeout)
+        return self._run_nsenter([*self._nsenter(), *argv], capture=True, timeout=timeout)
 
     def _wait_booted(self, deadline: float) -> None:
         """Wait for ``systemctl is-system-running --wait`` to say running/degraded."""
@@ -397,14 +582,14 @@ class SystemdContainer:
                 return
             if state in ("maintenance", "stopping"):
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         self._dump_log(f"container did not finish booting (state {state or 'unknown'!r})")
         try:
             failed = self._raw(["systemctl", "--failed", "--no-pager"], timeout=10)
             print(failed.stdout + failed.stderr, file=sys.stderr, flush=True)
         except subprocess.TimeoutExpired:
             pass
-        raise ContainerError(f"boot did not complete within {BOOT_TIMEOUT:.0f} s")
+        raise ContainerError(f"boot did not complete within {BOOT_TIMEOUT:g} s")
 
     def ensure_user(self) -> None:
         """Create u1 (uid 1001) and start its user manager; idempotent."""
@@ -429,7 +614,9 @@ class SystemdContainer:
                 self._user_ready = True
                 return
             time.sleep(0.1)
-        status = self._raw(["systemctl", "status", "--no-pager", f"user@{USER_UID}.service"], timeout=10)
+        status = self._raw(
+            ["systemctl", "status", "--no-pager", f"user@{USER_UID}.service"], timeout=10
+        )
         print(status.stdout + status.stderr, file=sys.stderr, flush=True)
         raise ContainerError(f"user manager sockets did not appear in {USER_RUNTIME_DIR}")
 
@@ -473,7 +660,7 @@ class SystemdContainer:
         check: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """Run *argv* inside and capture its output as text."""
-        res = _run_nsenter(self.command(argv, as_user=as_user, env=env), capture=True)
+        res = self._run_nsenter(self.command(argv, as_user=as_user, env=env), capture=True)
         if check:
             res.check_returncode()
         return res
@@ -488,7 +675,8 @@ class SystemdContainer:
         """Run *argv* inside with inherited stdio (live output); return its exit code."""
         sys.stdout.flush()
         sys.stderr.flush()
-        return _run_nsenter(self.command(argv, as_user=as_user, env=env), capture=False).returncode
+        res = self._run_nsenter(self.command(argv, as_user=as_user, env=env), capture=False)
+        return res.returncode
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -496,8 +684,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Boot a throwaway systemd container over the host's /usr and run CMD in it.",
     )
-    parser.add_argument("--user", action="store_true", help=f"run CMD as {USER_NAME} (uid {USER_UID}) with a user manager")
-    parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="directory to bind in and run from (default: %(default)s)")
+    parser.add_argument(
+        "--user",
+        action="store_true",
+        help=f"run CMD as {USER_NAME} (uid {USER_UID}) with a running user manager",
+    )
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        default=DEFAULT_REPO,
+        help="directory to bind in and run from (default: %(default)s)",
+    )
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARG...")
     args = parser.parse_args(argv)
     if args.cmd and args.cmd[0] == "--":
@@ -517,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Raise on SIGINT/SIGTERM so the container is always powered off.
     signal.signal(signal.SIGINT, _raise_signal_exit)
     signal.signal(signal.SIGTERM, _raise_signal_exit)
+    become_subreaper()
     try:
         with SystemdContainer(args.repo, user=args.user) as box:
             return box.run(args.cmd, as_user=args.user)

@@ -26,9 +26,9 @@ def _tool(*argv: str) -> subprocess.CompletedProcess:
 
 def test_systemctl_and_cgls_show_the_run(sd: CorralCLI) -> None:
     agent = sd.agent()
-    run_id = sd.detach(agent, "sh", "-c", "sleep 1000 & sleep 1001")
+    run_id = sd.detach(agent, "sh", "-c", "sleep 1000 & sleep 1001 & wait")
     unit = f"corral-{agent}-{run_id}.scope"
-    sd.wait_for(lambda: sd.show(run_id)["pids"] == 2, what="two processes")
+    sd.wait_for(lambda: sd.show(run_id)["pids"] == 3, what="three processes")
     status = _tool("systemctl", "status", "--no-pager", unit)
     assert f"corral {agent}: sh -c" in status.stdout, status.stdout + status.stderr
     assert "active (running)" in status.stdout

@@ -210,6 +210,16 @@ class SystemdBackend(Backend):
                 out[key] = value
         return out
 
+    def release(self, agent: str, run_id: str, cgroup: CgroupDir) -> None:
+        """Remove our leaves; systemd then sees the scope empty, stops and collects it. Wait
+        for that briefly, so that a finished run is gone from ``systemctl`` on return."""
+        super().release(agent, run_id, cgroup)
+        deadline = time.monotonic() + 2.0
+        delay = 0.001
+        while cgroup.exists() and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     def freeze(self, cgroup: CgroupDir, frozen: bool) -> None:
         # FreezeUnit needs the unified hierarchy in systemd's eyes; on hybrid hosts it says
         # "not supported", so the kernel file is the one way that works everywhere.
