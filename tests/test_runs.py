@@ -293,3 +293,29 @@ def test_readoption_finds_a_run_without_record(corral: CorralCLI) -> None:
     assert run_id in runs and runs[run_id]["adopted"] is True and runs[run_id]["agent"] == agent
     assert corral("kill", run_id).returncode == 0
     assert not corral.scopes_of(agent)
+
+
+def test_gc_reaps_a_run_whose_owner_is_gone(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sh", "-c", "sleep 1000 & sleep 1000 & wait")
+    info = corral.wait_for(lambda: (i := corral.show(run_id))["pids"] == 3 and i, what="run up")
+    owner = [p["pid"] for p in info["processes"] if p["role"] == "corral" and "python" in " ".join(p["argv"])]
+    watchdog = [p["pid"] for p in info["processes"] if p["role"] == "corral" and "corral-watchdog" in p["argv"]]
+    payload = [p["pid"] for p in info["processes"] if p["role"] != "corral"]
+    assert owner and watchdog
+    # Crash corral by hand: stop the watchdog first (so it cannot react), then kill the owner.
+    os.kill(watchdog[0], signal.SIGSTOP)
+    os.kill(owner[0], signal.SIGKILL)
+    corral.wait_for(lambda: not alive(owner), what="owner gone")
+    assert alive(payload) == payload, "without gc, orphaned work is still there"
+    report = corral.json("gc", "--json")
+    try:
+        assert [r["id"] for r in report["reaped"]] == [run_id]
+        assert report["reaped"][0]["processes_killed"] == 3
+        assert alive(payload) == []
+    finally:
+        kill_pids(alive(payload + watchdog))
+    assert corral.show(run_id)["state"] == "lost"
+    assert not corral.scopes_of(agent)
+    again = corral.json("gc", "--json")
+    assert again["reaped"] == []

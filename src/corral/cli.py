@@ -283,6 +283,25 @@ def resume(c: Ctx, run_ref: str) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--keep", metavar="DURATION", default="7d", show_default=True,
+              help="Keep records of ended runs this long.")
+@pass_ctx
+def gc(c: Ctx, as_json: bool, keep: str) -> None:
+    """Kill runs whose owner is gone, remove empty cgroups, prune old records."""
+    from .units import parse_duration
+
+    report = c.corral.gc(retention=parse_duration(keep))
+    if as_json:
+        _echo_json(report.to_json())
+        return
+    for r in report.reaped:
+        click.echo(f"reaped {r['id']} ({r['agent']}): owner gone, {r['processes_killed']} process(es) killed")
+    click.echo(f"{len(report.reaped)} run(s) reaped, {len(report.removed_cgroups)} cgroup(s) removed, "
+               f"{len(report.pruned_records)} old record(s) pruned")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def doctor(c: Ctx, as_json: bool) -> None:
     """Say which backend is usable here, why, and what is missing."""

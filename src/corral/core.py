@@ -17,7 +17,7 @@ import signal as _signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .backends import Backend, detect
 from .cgroup import CgroupDir, join
@@ -28,6 +28,9 @@ from .records import END_STATES, RecordStore, RunRecord, now_iso
 from .spawn import fork_held, reset_signals_in_child
 from .spec import RunSpec
 from .supervise import Outcome, Owner, set_child_subreaper, watchdog_argv
+
+if TYPE_CHECKING:
+    from .gc import GcReport
 
 DESCRIPTION_MAX = 200
 OWNER_READY_TIMEOUT = 30.0
@@ -580,6 +583,12 @@ class Corral:
         if view.state in END_STATES:
             raise UsageError(f"run {view.record.id} has ended ({view.state})")
         return view.record
+
+    def gc(self, *, retention: float | None = None) -> "GcReport":
+        """Tear down runs whose owner is gone, remove empty cgroups, prune old records."""
+        from .gc import DEFAULT_RETENTION, collect
+
+        return collect(self, retention=DEFAULT_RETENTION if retention is None else retention)
 
     def wait(self, ref: str, *, timeout: float | None = None) -> RunRecord:
         """Block until the run has ended and its cgroup is empty; return its final record."""

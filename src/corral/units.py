@@ -8,7 +8,7 @@ import signal as _signal
 from .errors import UsageError
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_size(text: str | int) -> int:
@@ -30,7 +30,7 @@ def parse_duration(text: str | float | int) -> float:
     if isinstance(text, (int, float)):
         value = float(text)
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*", str(text))
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d|w)?\s*", str(text))
         if not m:
             raise UsageError(f"invalid duration {text!r}", hint="use e.g. 90s, 30m, 2h")
         value = float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]

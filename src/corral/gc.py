@@ -1,0 +1,96 @@
+"""``corral gc``: tear down runs whose owner is gone, remove empty cgroups, prune old records.
+
+A run is owned while its owner process lives (the attached ``corral run``, or a detached
+run's owner in ``supervisor/``). A populated scope with no live owner is work nobody can
+wait on or stop any more: it is killed whole and its record says ``lost``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .cgroup import CgroupDir
+from .records import now_iso
+
+if TYPE_CHECKING:
+    from .core import Corral
+
+DEFAULT_RETENTION = 7 * 86400.0
+
+
+@dataclass
+class GcReport:
+    reaped: list[dict[str, Any]] = field(default_factory=list)
+    removed_cgroups: list[str] = field(default_factory=list)
+    pruned_records: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reaped": self.reaped, "removed_cgroups": self.removed_cgroups, "pruned_records": self.pruned_records}
+
+
+def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
+    from .core import _alive
+
+    record = corral.store.load(run_id)
+    if record is not None and record.owner_pid:
+        return _alive(record.owner_pid, record.owner_start)
+    # No record (a crash before it was written): a detached owner is a python process in
+    # supervisor/; a watchdog alone means an attached owner that is gone.
+    for pid in scope.supervisor.pids():
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        if "python" in os.path.basename(exe):
+            return True
+    return False
+
+
+def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcReport:
+    report = GcReport()
+    backend = corral.backend
+    for scope in backend.live_scopes():
+        cg = scope.cgroup
+        if cg.events().populated:
+            if _owner_alive(corral, scope.run_id, cg):
+                continue
+            pids = len(cg.payload.pids() if cg.payload.exists() else cg.pids())
+            backend.teardown(cg)
+            record = corral.store.load(scope.run_id)
+            if record is not None and not record.ended:
+                corral.store.save(record.replace(state="lost", ended_by="lost-owner", ended_at=now_iso(),
+                                                 leftovers_killed=pids))
+            report.reaped.append({"id": scope.run_id, "agent": scope.agent, "unit": backend.unit_name(
+                scope.agent, scope.run_id), "processes_killed": pids})
+        backend.release(scope.agent, scope.run_id, cg)
+        if not cg.exists():
+            report.removed_cgroups.append(str(cg.path))
+    # agent slices left empty (cgroupfs; systemd keeps slice units, which cost nothing)
+    root = backend.slice_dir()
+    if backend.name == "cgroupfs" and root.exists():
+        for entry in os.scandir(root):
+            if entry.is_dir() and entry.name.startswith("corral-") and entry.name.endswith(".slice"):
+                try:
+                    os.rmdir(entry.path)
+                    report.removed_cgroups.append(entry.path)
+                except OSError:
+                    pass
+    # records: reconcile live-looking ones, prune ended ones past retention
+    cutoff = time.time() - retention
+    for record in list(corral.store.all()):
+        record = corral._reconcile(record)
+        if not record.ended or not record.ended_at:
+            continue
+        try:
+            ended = datetime.fromisoformat(record.ended_at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        if ended < cutoff:
+            corral.store.delete(record.id)
+            report.pruned_records.append(record.id)
+    return report
+
