@@ -73,6 +73,8 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--timeout", metavar="DURATION", help="End the whole run after DURATION (90s, 30m, 2h): exit 124.")
 @click.option("--grace", type=float, default=10.0, show_default=True, metavar="SECS",
               help="After a forwarded signal, kill the whole run if it has not ended within SECS.")
+@click.option("--keep-leftovers", is_flag=True,
+              help="When the command exits, let what it left behind finish (state: draining).")
 @click.option("--auth", metavar="PROFILE", help="Auth profile whose access token the run gets.")
 @click.option("--cwd", metavar="DIR", help="Working directory (default: the current one).")
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
@@ -82,7 +84,7 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tasks-max", metavar="N", help="Most processes/threads the run may have.")
 @pass_ctx
 def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str | None,
-        lock_timeout: float | None, timeout: str | None, grace: float, auth: str | None, cwd: str | None,
+        lock_timeout: float | None, timeout: str | None, grace: float, keep_leftovers: bool, auth: str | None, cwd: str | None,
         env_pairs: tuple[str, ...], memory_max: str | None, memory_high: str | None, cpu_quota: str | None,
         tasks_max: str | None) -> None:
     """Run COMMAND for AGENT in its own cgroup: corral run AGENT [OPTIONS] -- CMD [ARG...]"""
@@ -95,7 +97,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
     spec = RunSpec(
         agent=agent, argv=command, cwd=cwd, env=_parse_env(env_pairs), session=session,
         timeout=timeout,  # type: ignore[arg-type]
-        grace=grace,
+        grace=grace, keep_leftovers=keep_leftovers,
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
     )
     handle = c.corral.run(spec, detach=detach, reap_orphans=not detach)

@@ -272,7 +272,7 @@ class Corral:
         owner = Owner(
             backend=backend, store=self.store, record=record, cgroup=cgroup, main_pid=main.pid,
             watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=False,
-            reap_orphans=reap_orphans,
+            reap_orphans=reap_orphans, keep_leftovers=spec.keep_leftovers,
         )
         return Run(self, record, owner)
 
@@ -393,7 +393,7 @@ class Corral:
         owner = Owner(
             backend=self.backend, store=self.store, record=running, cgroup=cgroup, main_pid=main.pid,
             watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=True,
-            reap_orphans=True,
+            reap_orphans=True, keep_leftovers=spec.keep_leftovers,
         )
         owner.wait(handle_signals=True)
         os._exit(0)
@@ -466,7 +466,7 @@ class Corral:
         cg = CgroupDir(Path(record.cgroup))
         ev = _payload_of(record).events()
         usage = self.backend.usage(cg)
-        state = "paused" if ev.frozen else ("starting" if record.state == "starting" else "running")
+        state = "paused" if ev.frozen else (record.state if record.state in ("starting", "draining") else "running")
         return RunView(record, state, usage.pids, usage.memory_bytes, usage.cpu_usec, usage.memory_source)
 
     def ps(self, *, all: bool = False) -> list[RunView]:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from .errors import RunNotFound, UsageError, translate_oserror
 from .names import is_run_id
 
-LIVE_STATES = ("starting", "running", "paused")
+LIVE_STATES = ("starting", "running", "paused", "draining")
 END_STATES = ("exited", "failed", "killed", "timeout", "lost")
 
 

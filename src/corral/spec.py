@@ -49,6 +49,7 @@ class RunSpec:
     timeout: float | None = None  # seconds
     session: str | None = None
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
+    keep_leftovers: bool = False  # let processes main left behind end on their own
 
     def __post_init__(self) -> None:
         validate_agent(self.agent)

@@ -91,6 +91,7 @@ class Owner:
         grace: float,
         in_cgroup: bool,
         reap_orphans: bool = False,
+        keep_leftovers: bool = False,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -104,6 +105,7 @@ class Owner:
         self.grace = grace
         self.in_cgroup = in_cgroup  # a detached owner lives in its own run's scope
         self.reap_orphans = reap_orphans  # we are a child subreaper: orphans come to us
+        self.keep_leftovers = keep_leftovers  # let what main left behind end on its own
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
 
@@ -186,6 +188,8 @@ class Owner:
 
     def _finish(self, status: int, ended_by: str) -> Outcome:
         exit_code, sig = exit_code_of(status)
+        if self.keep_leftovers and ended_by == "exited" and self.payload.events().populated:
+            self._drain(exit_code, sig)
         leftovers = len(self.payload.pids())
         self.backend.teardown(self.payload)
         if self.reap_orphans:
@@ -213,6 +217,25 @@ class Owner:
             self.backend.teardown(self.cgroup)
         self.backend.release(self.record.agent, self.record.id, self.cgroup)
         return self.outcome
+
+    def _drain(self, exit_code: int | None, sig: int | None) -> None:
+        """--keep-leftovers: main has ended, what it left may finish on its own. The run is
+        listed as ``draining`` until then; the deadline, Ctrl-C or SIGTERM still end it."""
+        self.store.save(self.record.replace(state="draining", exit_code=exit_code, signal=sig))
+        left = None
+        if self.timeout:
+            left = max(0.0, self.started + self.timeout - time.monotonic())
+        try:
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        except ValueError:  # not the main thread: no signal handling, just wait
+            previous = None
+        try:
+            self.payload.wait_empty(left if left is not None else 10**9)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C / SIGTERM while draining: the teardown below ends the rest
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def _leave_scope(self) -> None:
         """A detached owner steps out of its scope so the scope can empty and be removed.
@@ -261,6 +284,10 @@ class Owner:
                 return 0
             except InterruptedError:
                 continue
+
+
+def _raise_interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def set_child_subreaper() -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cgroup import CgroupDir, find_cgroup2_mount
-from ..errors import BackendError, NoBackend, PermissionDenied
+from ..errors import BackendError, CorralError, NoBackend, PermissionDenied
 from ..names import ROOT_SLICE, agent_slice, scope_name
 from ..spec import Limits
 from .base import Backend, Probe, log
@@ -212,13 +212,33 @@ class SystemdBackend(Backend):
 
     def release(self, agent: str, run_id: str, cgroup: CgroupDir) -> None:
         """Remove our leaves; systemd then sees the scope empty, stops and collects it. Wait
-        for that briefly, so that a finished run is gone from ``systemctl`` on return."""
+        for that briefly, so that a finished run is gone from ``systemctl`` on return.
+
+        A scope whose processes all died before systemd attached them (corral killed
+        between StartTransientUnit and exec) never gets an "empty" event: systemd keeps it
+        active with nothing in it. Those are stopped explicitly."""
         super().release(agent, run_id, cgroup)
-        deadline = time.monotonic() + 2.0
+        if self._wait_gone(cgroup, 0.1):
+            return
+        from pystemd.dbuslib import apply_signature
+
+        unit = scope_name(agent, run_id)
+        try:
+            self._call(b"StopUnit", apply_signature(b"ss", [unit.encode(), b"replace"]), f"stop {unit}")
+        except CorralError as err:
+            log.debug("stop of empty %s: %s", unit, err)
+        self._wait_gone(cgroup, 2.0)
+
+    @staticmethod
+    def _wait_gone(cgroup: CgroupDir, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         delay = 0.001
-        while cgroup.exists() and time.monotonic() < deadline:
+        while cgroup.exists():
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+        return True
 
     def freeze(self, cgroup: CgroupDir, frozen: bool) -> None:
         # FreezeUnit needs the unified hierarchy in systemd's eyes; on hybrid hosts it says
