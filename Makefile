@@ -49,7 +49,11 @@ demo: deps
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/demo.sh
 
 bench: deps
-	$(VPY) bench/bench.py
+	@echo "# corral benchmarks ($$(date -u +%Y-%m-%d), $$(nproc) cores)" > bench/RESULTS.md; echo >> bench/RESULTS.md
+	$(VPY) bench/bench.py --backend cgroupfs >> bench/RESULTS.md
+	$(PY) tests/nspawn.py -- $(VPY) bench/bench.py --backend systemd >> bench/RESULTS.md
+	$(PY) tests/nspawn.py --user -- $(VPY) bench/bench.py --backend systemd >> bench/RESULTS.md
+	@cat bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

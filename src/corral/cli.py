@@ -234,7 +234,7 @@ def kill(c: Ctx, target: str | None, all_: bool, sig: str) -> None:
 
     signum = parse_signal(sig)
     records = c.corral.targets(target, all_runs=all_)
-    _report_end(c, records, "killed", {r.id: c.corral.kill_run(r.id, signum) for r in records})
+    _report_end(c, records, "killed", c.corral.kill_runs(records, signum))
 
 
 @cli.command()

@@ -535,15 +535,30 @@ class Corral:
         cgroup frozen, then we wait up to 10 s for it to empty. Returns the pids still alive
         (an empty list: all gone)."""
         record = self.get(ref).record
-        payload = _payload_of(record)
-        if sig == _signal.SIGKILL:
-            self.backend.teardown(payload)
-        else:
-            payload.signal_all(sig)
-            if not payload.wait_empty(10.0):
-                return payload.pids()
-        self._after_end(record, ended_by="killed", sig=sig)
-        return []
+        return self.kill_runs([record], sig)[record.id]
+
+    def kill_runs(self, records: list[RunRecord], sig: int = _signal.SIGKILL) -> dict[str, list[int]]:
+        """Kill many runs at once: signal all first, then verify each, so the owners record
+        their ends in parallel. Returns, per run id, the pids still alive."""
+        for record in records:
+            payload = _payload_of(record)
+            if sig == _signal.SIGKILL:
+                payload.kill()
+            else:
+                payload.signal_all(sig)
+        out: dict[str, list[int]] = {}
+        for record in records:
+            payload = _payload_of(record)
+            if sig == _signal.SIGKILL:
+                self.backend.teardown(payload)
+            elif not payload.wait_empty(10.0):
+                out[record.id] = payload.pids()
+                continue
+            out[record.id] = []
+        for record in records:
+            if not out[record.id]:
+                self._after_end(record, ended_by="killed", sig=sig)
+        return out
 
     def stop_run(self, ref: str, grace: float = 10.0) -> list[int]:
         """SIGTERM every process of the run, SIGKILL what is left after *grace* seconds."""

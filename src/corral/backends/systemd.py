@@ -92,6 +92,7 @@ class SystemdBackend(Backend):
         self.bus = _open_bus(self.user_mode)
         self._subscribed = False
         self._done_jobs: dict[bytes, bytes] = {}
+        self._removed_units: set[bytes] = set()
         try:
             self.version = self._manager_prop(b"Version", b"s").decode()
             # The user manager lives in user@UID.service; the system manager at "/".
@@ -124,9 +125,14 @@ class SystemdBackend(Backend):
             _id, job, _unit, result = msg.body
             self._done_jobs[job] = result
 
-        # pystemd keeps only a borrowed pointer to the callback: we must hold the reference.
-        self._job_callback = on_job_removed
+        def on_unit_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            msg.process_reply(False)
+            self._removed_units.add(msg.body[0])
+
+        # pystemd keeps only a borrowed pointer to each callback: we must hold the references.
+        self._callbacks = (on_job_removed, on_unit_removed)
         self.bus.match_signal(DEST, PATH, MANAGER, b"JobRemoved", on_job_removed)
+        self.bus.match_signal(DEST, PATH, MANAGER, b"UnitRemoved", on_unit_removed)
         self._call(b"Subscribe", [], "subscribe to systemd")
         self._subscribed = True
 
@@ -218,26 +224,31 @@ class SystemdBackend(Backend):
         between StartTransientUnit and exec) never gets an "empty" event: systemd keeps it
         active with nothing in it. Those are stopped explicitly."""
         super().release(agent, run_id, cgroup)
-        if self._wait_gone(cgroup, 0.1):
+        unit = scope_name(agent, run_id)
+        if self._wait_removed(unit, cgroup, 0.25):
             return
         from pystemd.dbuslib import apply_signature
 
-        unit = scope_name(agent, run_id)
         try:
             self._call(b"StopUnit", apply_signature(b"ss", [unit.encode(), b"replace"]), f"stop {unit}")
         except CorralError as err:
             log.debug("stop of empty %s: %s", unit, err)
-        self._wait_gone(cgroup, 2.0)
+        self._wait_removed(unit, cgroup, 2.0)
 
-    @staticmethod
-    def _wait_gone(cgroup: CgroupDir, timeout: float) -> bool:
+    def _wait_removed(self, unit: str, cgroup: CgroupDir, timeout: float) -> bool:
+        """Wait for systemd's UnitRemoved signal (or the cgroup to vanish): no polling."""
+        self._subscribe()
+        name = unit.encode()
         deadline = time.monotonic() + timeout
-        delay = 0.001
-        while cgroup.exists():
-            if time.monotonic() >= deadline:
+        while name not in self._removed_units and cgroup.exists():
+            msg = self.bus.process()
+            if not msg.is_empty():
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            self.bus.wait(int(min(left, 0.05) * 1_000_000))
+        self._removed_units.discard(name)
         return True
 
     def freeze(self, cgroup: CgroupDir, frozen: bool) -> None:

@@ -1,0 +1,252 @@
+"""corral benchmarks: each row is corral against its anchor, measured in the same run.
+
+    python bench/bench.py [--backend cgroupfs|systemd] [--quick] >> bench/RESULTS.md
+
+Medians of repeated runs. The Makefile runs it on the host (cgroupfs) and inside a
+throwaway systemd container (systemd) and appends both tables to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from corral import Corral, Dirs, RunSpec  # noqa: E402
+from corral.cgroup import CgroupDir  # noqa: E402
+
+CORRAL = [sys.executable, "-m", "corral.cli"]
+
+
+def median_ms(fn: Callable[[], object], n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+class Bench:
+    def __init__(self, backend: str, quick: bool) -> None:
+        self.backend = backend
+        self.n = 5 if quick else 20
+        self.tmp = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+        self.env = dict(os.environ, XDG_STATE_HOME=str(self.tmp / "state"), CORRAL_BACKEND=backend,
+                        XDG_CONFIG_HOME=str(self.tmp / "config"))
+        self.dirs = Dirs(config=self.tmp / "config", state=self.tmp / "state", runtime=self.tmp / "rt")
+        self.corral = Corral(backend, dirs=self.dirs)
+        self.rows: list[tuple[str, str, float, str, float]] = []
+
+    def row(self, what: str, value: float, anchor_name: str, anchor: float, unit: str = "ms") -> None:
+        self.rows.append((what, f"{value:.2f} {unit}", value, f"{anchor_name}: {anchor:.2f} {unit}", anchor))
+        ratio = value / anchor if anchor else float("nan")
+        print(f"  {what:<44} {value:9.2f} {unit}   vs {anchor_name:<34} {anchor:9.2f} {unit}   x{ratio:.2f}",
+              file=sys.stderr, flush=True)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CORRAL, *args], env=self.env, capture_output=True, text=True, check=True)
+
+    # --- rows --------------------------------------------------------------------------
+
+    def launch_cli(self) -> None:
+        corral = median_ms(lambda: self.cli("run", "benchcli", "--", "true"), self.n)
+        bare = median_ms(lambda: subprocess.run(["true"], check=True), self.n)
+        if self.backend == "systemd":
+            user = ["--user"] if os.geteuid() else []
+            sdrun = median_ms(lambda: subprocess.run(["systemd-run", *user, "--scope", "-q", "true"], check=True,
+                                                     capture_output=True), self.n)
+            self.row("CLI: corral run A -- true", corral, "systemd-run --scope true", sdrun)
+        self.row("CLI: corral run A -- true", corral, "bare true", bare)
+
+    def launch_library(self) -> None:
+        def lib() -> None:
+            self.corral.run(RunSpec(agent="benchlib", argv=("true",))).wait()
+
+        corral = median_ms(lib, self.n)
+        if self.backend == "systemd":
+            raw = median_ms(self._raw_pystemd, self.n)
+            self.row("library: Corral.run(true).wait()", corral, "raw pystemd StartTransientUnit", raw)
+        else:
+            raw = median_ms(self._raw_cgroupfs, self.n)
+            self.row("library: Corral.run(true).wait()", corral, "raw mkdir+fork+join+wait+rmdir", raw)
+
+    def _raw_cgroupfs(self) -> None:
+        base = self.corral.backend.slice_dir() / "corral-benchraw.slice"
+        base.mkdir(parents=True, exist_ok=True)
+        cg = base / f"raw-{time.monotonic_ns()}"
+        cg.mkdir()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                (cg / "cgroup.procs").write_text("0")
+                os.execvp("true", ["true"])
+            finally:
+                os._exit(127)
+        os.waitpid(pid, 0)
+        CgroupDir(cg).wait_empty(5)
+        cg.rmdir()
+
+    def _raw_pystemd(self) -> None:
+        from pystemd.systemd1 import Manager
+        from pystemd.dbuslib import DBus
+
+        if not hasattr(self, "_mgr"):
+            self._bus = DBus(user_mode=os.geteuid() != 0)
+            self._bus.open()
+            self._mgr = Manager(bus=self._bus, _autoload=True)
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(0.05)  # held, as corral holds its child until placed
+            os._exit(0)
+        name = f"benchraw-{time.monotonic_ns()}.scope".encode()
+        self._mgr.Manager.StartTransientUnit(name, b"fail", {b"Description": b"bench",
+                                                              b"_custom": (b"PIDs", b"au", [pid])})
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+    def kill_big_run(self) -> None:
+        n = 1000
+        script = (f"i=0; while [ $i -lt {n // 2} ]; do sleep 1000 & (sleep 1000 &); i=$((i+1)); done; wait")
+        # corral
+        run = self.corral.run(RunSpec(agent="benchkill", argv=("sh", "-c", script)), detach=True)
+        payload = run.cgroup.payload
+        self._wait_pids(payload, n)
+        t0 = time.perf_counter()
+        assert run.kill() == []
+        corral_ms = (time.perf_counter() - t0) * 1000
+        # raw cgroup.kill + wait for populated 0 on an identical tree
+        run2 = self.corral.run(RunSpec(agent="benchkill", argv=("sh", "-c", script)), detach=True)
+        payload2 = run2.cgroup.payload
+        self._wait_pids(payload2, n)
+        t0 = time.perf_counter()
+        payload2.kill()
+        payload2.wait_empty(30)
+        raw_ms = (time.perf_counter() - t0) * 1000
+        run2.kill()
+        self.row(f"kill a {n}-process run (half double-forked)", corral_ms, "raw cgroup.kill + populated 0", raw_ms)
+        # psutil tree kill: children of main only; double-forked ones escape it
+        run3 = self.corral.run(RunSpec(agent="benchkill", argv=("sh", "-c", script)), detach=True)
+        payload3 = run3.cgroup.payload
+        self._wait_pids(payload3, n)
+        import psutil
+
+        t0 = time.perf_counter()
+        main = psutil.Process(run3.record.main_pid or self.corral.view(run3.id).record.main_pid)
+        procs = [main, *main.children(recursive=True)]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        ps_ms = (time.perf_counter() - t0) * 1000
+        survivors = len(payload3.pids())
+        run3.kill()
+        self.row(f"  ... psutil tree kill ({survivors} survivors)", ps_ms, "corral kill (0 survivors)", corral_ms)
+
+    @staticmethod
+    def _wait_pids(cg: CgroupDir, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(cg.pids()) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def ps_many(self, count: int) -> None:
+        runs = [self.corral.run(RunSpec(agent="benchps", argv=("sleep", "1000")), detach=True) for _ in range(count)]
+        try:
+            corral_ms = median_ms(lambda: self.cli("ps", "--json"), max(3, self.n // 4))
+            if self.backend == "systemd":
+                user = ["--user"] if os.geteuid() else []
+                anchor = median_ms(lambda: subprocess.run(["systemctl", *user, "list-units", "--type=scope",
+                                                           "--no-pager"], capture_output=True, check=True),
+                                   max(3, self.n // 4))
+                self.row(f"corral ps --json, {count} live runs", corral_ms, "systemctl list-units --type=scope", anchor)
+            else:
+                anchor = median_ms(lambda: subprocess.run(["ps", "-e"], capture_output=True, check=True),
+                                   max(3, self.n // 4))
+                self.row(f"corral ps --json, {count} live runs", corral_ms, "ps -e", anchor)
+            t0 = time.perf_counter()
+            self.cli("kill", "--all")
+            kill_ms = (time.perf_counter() - t0) * 1000
+            self.row(f"corral kill --all, {count} live runs", kill_ms, "per run", kill_ms / count)
+        finally:
+            for r in runs:
+                if r.cgroup.exists():
+                    r.cgroup.kill()
+
+    def overhead(self) -> None:
+        run = self.corral.run(RunSpec(agent="benchmem", argv=("sleep", "1000")), detach=True)
+        time.sleep(0.3)
+        rss = pss = 0
+        for pid in run.cgroup.supervisor.pids():
+            status = Path(f"/proc/{pid}/status").read_text()
+            rss += int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1])
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            pss += int(next(l for l in rollup.splitlines() if l.startswith("Pss:")).split()[1])
+        run.kill()
+        self.row("per detached run: corral's RSS (owner+watchdog)", rss / 1024, "PSS", pss / 1024, unit="MiB")
+
+    def cleanup(self) -> None:
+        for agent in ("benchcli", "benchlib", "benchkill", "benchps", "benchmem", "benchraw"):
+            d = self.corral.backend.slice_dir() / f"corral-{agent}.slice"
+            if not d.exists():
+                continue
+            for scope in d.iterdir():
+                if scope.is_dir():
+                    CgroupDir(scope).kill()
+                    CgroupDir(scope).wait_empty(5)
+                    for leaf in ("payload", "supervisor", ""):
+                        try:
+                            os.rmdir(scope / leaf if leaf else scope)
+                        except OSError:
+                            pass
+            if self.backend == "cgroupfs":
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def table(self) -> str:
+        who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+        lines = [f"### backend: {self.backend} ({who}), medians of {self.n}", "",
+                 "| measurement | corral | anchor | ratio |", "|---|---|---|---|"]
+        for what, value, _v, anchor, a in self.rows:
+            ratio = _v / a if a else float("nan")
+            lines.append(f"| {what.strip(' .')} | {value} | {anchor} | {ratio:.2f} |")
+        return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default=os.environ.get("CORRAL_BACKEND", "cgroupfs"))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    b = Bench(args.backend, args.quick)
+    print(f"corral bench, backend {args.backend}", file=sys.stderr, flush=True)
+    try:
+        b.launch_cli()
+        b.launch_library()
+        b.kill_big_run()
+        b.ps_many(50 if args.quick else 200)
+        b.overhead()
+    finally:
+        b.cleanup()
+    print(b.table())  # stdout carries the table only: the Makefile appends it to RESULTS.md
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
