@@ -9,7 +9,6 @@ throwaway systemd container (systemd) and appends both tables to bench/RESULTS.m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal

@@ -10,9 +10,7 @@ The CLI is a thin layer over this class; orchestrators can use it directly::
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import signal as _signal
 import time
 from dataclasses import dataclass
@@ -20,47 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .backends import Backend, detect
-from .cgroup import CgroupDir, join
-from .errors import CorralError, NotFound, RunNotFound, UsageError
+from .cgroup import CgroupDir
+from .errors import NotFound, RunNotFound, UsageError
 from .names import validate_agent
 from .paths import Dirs
 from .records import END_STATES, RecordStore, RunRecord, now_iso
-from .spawn import fork_held, reset_signals_in_child
+from .procs import owner_alive
 from .spec import RunSpec
-from .supervise import Outcome, Owner, set_child_subreaper, watchdog_argv
+from .supervise import Outcome, Owner
 
 if TYPE_CHECKING:
     from .gc import GcReport
-
-DESCRIPTION_MAX = 200
-OWNER_READY_TIMEOUT = 30.0
-
-
-def _describe(agent: str, argv: tuple[str, ...]) -> str:
-    text = f"corral {agent}: {shlex.join(argv)}"
-    return text if len(text) <= DESCRIPTION_MAX else text[: DESCRIPTION_MAX - 3] + "..."
-
-
-def _process_start(pid: int) -> float | None:
-    """Start time of *pid* in clock ticks since boot (/proc/PID/stat field 22); None if it
-    is gone or a zombie. Together with the pid it names one process, whatever reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return float(fields[19])
-
-
-def _alive(pid: int | None, start: float | None) -> bool:
-    if not pid:
-        return False
-    got = _process_start(pid)
-    if got is None:
-        return False
-    return start is None or got == start
 
 
 @dataclass(frozen=True)
@@ -178,44 +146,6 @@ class Corral:
 
     # --- starting runs ----------------------------------------------------------------
 
-    def _new_record(self, spec: RunSpec, *, detach: bool) -> RunRecord:
-        from .names import new_run_id
-
-        cwd = os.path.abspath(spec.cwd or os.getcwd())
-        if not os.path.isdir(cwd):
-            raise UsageError(f"working directory {cwd!r} does not exist")
-        backend = self.backend
-        self.store.ensure()
-        for _ in range(16):
-            run_id = new_run_id()
-            if not self.store.path(run_id).exists() and not backend.run_cgroup(spec.agent, run_id).exists():
-                break
-        else:  # pragma: no cover - 16 collisions of 32 random bits
-            raise CorralError("could not allocate a run id")
-        return RunRecord(
-            id=run_id,
-            agent=spec.agent,
-            argv=list(spec.argv),
-            cwd=cwd,
-            backend=backend.name,
-            unit=backend.unit_name(spec.agent, run_id),
-            cgroup=str(backend.run_cgroup(spec.agent, run_id).path),
-            state="starting",
-            detached=detach,
-            session=spec.session,
-            timeout=spec.timeout,
-            log=str(self.store.log_path(run_id)) if detach else None,
-            limits={"requested": spec.limits.requested()},
-        )
-
-    def _env(self, spec: RunSpec, record: RunRecord) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(spec.env)
-        env["CORRAL_RUN_ID"] = record.id
-        env["CORRAL_AGENT"] = record.agent
-        env["CORRAL_UNIT"] = record.unit
-        return env
-
     def run(self, spec: RunSpec, *, detach: bool = False, reap_orphans: bool = False) -> Run:
         """Start *spec* in its own cgroup.
 
@@ -224,179 +154,12 @@ class Corral:
         orphans (the CLI does; a library caller with children of its own may not want it).
         Detached: a small owner process in the run's own scope owns it.
         """
-        record = self._new_record(spec, detach=detach)
-        self.store.save(record)
+        from .launch import start_attached, start_detached
+
         if detach:
-            return self._run_detached(spec, record)
-        backend = self.backend
-        cgroup = backend.prepare(spec.agent, record.id, spec.limits)
-        if reap_orphans:
-            set_child_subreaper()
-        started = False
-        try:
-            main, watchdog, wd_fd = self._fork_pair(spec, record, cgroup, stdio=(0, 1, 2), join_supervisor=True)
-            try:
-                limits = backend.adopt(
-                    spec.agent, record.id, [main.pid, watchdog.pid],
-                    description=_describe(spec.agent, spec.argv), limits=spec.limits,
-                    timeout=_backstop(spec.timeout), grace=spec.grace,
-                )
-                watchdog.release()
-            except BaseException:
-                main.abort()
-                watchdog.abort()
-                os.close(wd_fd)
-                raise
-            try:
-                main.release()
-            except BaseException:
-                os.close(wd_fd)  # the watchdog sees EOF and kills the scope
-                backend.teardown(cgroup)
-                Owner._reap(watchdog.pid)
-                raise
-            started = True
-        finally:
-            if not started:
-                backend.release(spec.agent, record.id, cgroup)
-                self.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()))
-        record = record.replace(
-            state="running",
-            main_pid=main.pid,
-            owner_pid=os.getpid(),
-            owner_start=_process_start(os.getpid()),
-            helper_pids=[watchdog.pid],
-            started_at=now_iso(),
-            limits={"requested": spec.limits.requested(), "effective": limits},
-        )
-        self.store.save(record)
-        owner = Owner(
-            backend=backend, store=self.store, record=record, cgroup=cgroup, main_pid=main.pid,
-            watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=False,
-            reap_orphans=reap_orphans, keep_leftovers=spec.keep_leftovers,
-        )
+            return Run(self, start_detached(self, spec))
+        record, owner = start_attached(self, spec, reap_orphans=reap_orphans)
         return Run(self, record, owner)
-
-    def _fork_pair(self, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, *, stdio: tuple[int, int, int],
-                   join_supervisor: bool):  # type: ignore[no-untyped-def]
-        """Fork the watchdog (into ``supervisor/``) and the main command (into ``payload/``),
-        both held at the gate until the caller has placed them in the unit."""
-        wd_r, wd_w = os.pipe2(os.O_CLOEXEC)
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        supervisor, payload = str(cgroup.supervisor.path), str(cgroup.payload.path)
-        try:
-            watchdog = fork_held(
-                watchdog_argv(str(cgroup.path / "cgroup.kill")),
-                env={"PATH": "/usr/bin:/bin"}, cwd="/", stdio=(wd_r, devnull, devnull),
-                join=(lambda: join(supervisor)) if join_supervisor else None, new_session=True,
-            )
-            try:
-                main = fork_held(spec.argv, env=self._env(spec, record), cwd=record.cwd, stdio=stdio,
-                                 join=lambda: join(payload))
-            except BaseException:
-                watchdog.abort()
-                raise
-        finally:
-            os.close(wd_r)
-            os.close(devnull)
-        return main, watchdog, wd_w
-
-    def _run_detached(self, spec: RunSpec, record: RunRecord) -> Run:
-        backend = self.backend
-        cgroup = backend.prepare(spec.agent, record.id, spec.limits)
-        log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)  # type: ignore[arg-type]
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-        first = os.fork()
-        if first == 0:  # pragma: no cover - runs in the forked child
-            try:
-                os.close(report_r)
-                os.close(gate_w)
-                os.setsid()
-                owner_pid = os.fork()  # double fork: the owner is nobody's child to reap
-                if owner_pid:
-                    os.write(report_w, f"{owner_pid}\n".encode())
-                    os._exit(0)
-                self._detached_owner(spec, record, cgroup, log_fd, report_w, gate_r)
-            finally:
-                os._exit(1)
-        os.close(report_w)
-        os.close(gate_r)
-        os.close(log_fd)
-        os.waitpid(first, 0)
-        reader = os.fdopen(report_r, "rb")
-        try:
-            owner_line = reader.readline()
-            if not owner_line:
-                raise CorralError("the run's owner process did not start")
-            owner_pid = int(owner_line)
-            try:
-                limits = backend.adopt(
-                    spec.agent, record.id, [owner_pid], description=_describe(spec.agent, spec.argv),
-                    limits=spec.limits, timeout=_backstop(spec.timeout), grace=spec.grace,
-                )
-            except BaseException:
-                os.close(gate_w)  # the owner sees EOF at the gate and exits
-                backend.release(spec.agent, record.id, cgroup)
-                self.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()))
-                raise
-            # The gate carries the read-back limits: the owner writes the one "running" record.
-            os.write(gate_w, b"g" + json.dumps(limits).encode() + b"\n")
-            os.close(gate_w)
-            reply = reader.readline().decode().strip()
-        finally:
-            reader.close()
-        if not reply.startswith("ok"):
-            from .errors import SpawnError
-
-            errno_text = reply.partition(" ")[2]
-            code = int(errno_text) if errno_text.isdigit() else 0
-            raise SpawnError(f"cannot run {spec.argv[0]!r}: {os.strerror(code) if code else reply or 'owner died'}",
-                             errno=code)
-        return Run(self, self.store.load(record.id) or record)
-
-    def _detached_owner(self, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
-                        gate_r: int) -> None:  # pragma: no cover - runs in the forked owner
-        """Body of a detached run's owner: wait to be placed, start the pair, own the run.
-        The parent's D-Bus connection must not be used after fork, and the owner needs none."""
-        reset_signals_in_child()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(devnull)
-        with os.fdopen(gate_r, "rb") as gate:
-            line = gate.readline()
-        if not line.startswith(b"g"):
-            os._exit(125)
-        limits = json.loads(line[1:] or b"{}")
-        join(str(cgroup.supervisor.path))
-        set_child_subreaper()
-        try:
-            # The watchdog inherits supervisor/ from us; main joins payload/.
-            main, watchdog, wd_fd = self._fork_pair(spec, record, cgroup, stdio=(0, 1, 2), join_supervisor=False)
-            watchdog.release()
-            main.release()
-        except CorralError as err:
-            os.write(report_w, f"err {getattr(err, 'errno', 0)}\n".encode())
-            self.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso(),
-                                           exit_code=getattr(err, "exit_code", 1)))
-            cgroup.kill()
-            os._exit(1)
-        running = record.replace(
-            state="running", main_pid=main.pid, owner_pid=os.getpid(), owner_start=_process_start(os.getpid()),
-            helper_pids=[os.getpid(), watchdog.pid], started_at=now_iso(),
-            limits={"requested": spec.limits.requested(), "effective": limits},
-        )
-        self.store.save(running)
-        os.write(report_w, b"ok\n")
-        os.close(report_w)
-        owner = Owner(
-            backend=self.backend, store=self.store, record=running, cgroup=cgroup, main_pid=main.pid,
-            watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=True,
-            reap_orphans=True, keep_leftovers=spec.keep_leftovers,
-        )
-        owner.wait(handle_signals=True)
-        os._exit(0)
 
     # --- finding runs -----------------------------------------------------------------
 
@@ -438,14 +201,14 @@ class Corral:
         cg = CgroupDir(Path(record.cgroup))
         if cg.events().populated:
             return record
-        if _alive(record.owner_pid, record.owner_start) and record.owner_pid != os.getpid():
+        if owner_alive(record.owner_pid, record.owner_start) and record.owner_pid != os.getpid():
             # The owner is finishing (teardown, record write): give it a moment.
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
                 fresh = self.store.load(record.id)
                 if fresh is not None and fresh.ended:
                     return fresh
-                if not _alive(record.owner_pid, record.owner_start):
+                if not owner_alive(record.owner_pid, record.owner_start):
                     break
                 time.sleep(0.02)
             fresh = self.store.load(record.id)
@@ -576,7 +339,7 @@ class Corral:
             fresh = self.store.load(record.id)
             if fresh is None or fresh.ended:
                 break
-            if not _alive(fresh.owner_pid, fresh.owner_start) or time.monotonic() > deadline:
+            if not owner_alive(fresh.owner_pid, fresh.owner_start) or time.monotonic() > deadline:
                 self.store.save(fresh.replace(state="killed", ended_by=ended_by, signal=sig, exit_code=None,
                                               ended_at=now_iso()))
                 break
@@ -647,9 +410,3 @@ class Corral:
 def _payload_of(record: RunRecord) -> CgroupDir:
     scope = CgroupDir(Path(record.cgroup))
     return scope.payload if scope.payload.exists() or not scope.exists() else scope
-
-
-def _backstop(timeout: float | None) -> float | None:
-    """systemd's RuntimeMaxSec sits a second behind the owner's own deadline: the owner
-    records ``timeout`` precisely, systemd ends the run even if the owner could not."""
-    return None if timeout is None else timeout + 1.0

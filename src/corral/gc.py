@@ -33,11 +33,11 @@ class GcReport:
 
 
 def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
-    from .core import _alive
+    from .procs import owner_alive
 
     record = corral.store.load(run_id)
     if record is not None and record.owner_pid:
-        return _alive(record.owner_pid, record.owner_start)
+        return owner_alive(record.owner_pid, record.owner_start)
     # No record (a crash before it was written): a detached owner is a python process in
     # supervisor/; a watchdog alone means an attached owner that is gone.
     for pid in scope.supervisor.pids():

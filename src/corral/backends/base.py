@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from ..cgroup import CgroupDir, find_v1_mount
 from ..errors import TeardownIncomplete
-from ..names import ROOT_SLICE, agent_slice, parse_agent_slice, parse_scope_name, scope_name
+from ..names import agent_slice, parse_agent_slice, parse_scope_name, scope_name
 from ..spec import Limits
 
 log = logging.getLogger("corral")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Any
 
 from ..cgroup import CgroupDir, find_cgroup2_mount
 from ..errors import NoBackend, translate_oserror

@@ -1,0 +1,257 @@
+"""Starting runs: fork the command and its watchdog held at a gate, place them, let go.
+
+Attached, the calling process is the owner. Detached, a double-forked owner waits in the
+scope's ``supervisor`` leaf, is placed by the parent (systemd: ``StartTransientUnit``
+with its pid), then starts the pair itself and reports back through a pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from typing import TYPE_CHECKING
+
+from .cgroup import CgroupDir, join
+from .errors import CorralError, UsageError
+from .procs import process_start
+from .records import RunRecord, now_iso
+from .spawn import fork_held, reset_signals_in_child
+from .spec import RunSpec
+from .supervise import Owner, set_child_subreaper, watchdog_argv
+
+if TYPE_CHECKING:
+    from .core import Corral
+
+DESCRIPTION_MAX = 200
+
+
+def _describe(agent: str, argv: tuple[str, ...]) -> str:
+    text = f"corral {agent}: {shlex.join(argv)}"
+    return text if len(text) <= DESCRIPTION_MAX else text[: DESCRIPTION_MAX - 3] + "..."
+
+
+def _new_record(corral: "Corral", spec: RunSpec, *, detach: bool) -> RunRecord:
+    from .names import new_run_id
+
+    cwd = os.path.abspath(spec.cwd or os.getcwd())
+    if not os.path.isdir(cwd):
+        raise UsageError(f"working directory {cwd!r} does not exist")
+    backend = corral.backend
+    corral.store.ensure()
+    for _ in range(16):
+        run_id = new_run_id()
+        if not corral.store.path(run_id).exists() and not backend.run_cgroup(spec.agent, run_id).exists():
+            break
+    else:  # pragma: no cover - 16 collisions of 32 random bits
+        raise CorralError("could not allocate a run id")
+    return RunRecord(
+        id=run_id,
+        agent=spec.agent,
+        argv=list(spec.argv),
+        cwd=cwd,
+        backend=backend.name,
+        unit=backend.unit_name(spec.agent, run_id),
+        cgroup=str(backend.run_cgroup(spec.agent, run_id).path),
+        state="starting",
+        detached=detach,
+        session=spec.session,
+        timeout=spec.timeout,
+        log=str(corral.store.log_path(run_id)) if detach else None,
+        limits={"requested": spec.limits.requested()},
+    )
+
+def _env(spec: RunSpec, record: RunRecord) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(spec.env)
+    env["CORRAL_RUN_ID"] = record.id
+    env["CORRAL_AGENT"] = record.agent
+    env["CORRAL_UNIT"] = record.unit
+    return env
+
+def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = False) -> tuple[RunRecord, Owner]:
+    """Start *spec* owned by this process: the caller waits on the returned Owner."""
+    record = _new_record(corral, spec, detach=False)
+    corral.store.save(record)
+    backend = corral.backend
+    cgroup = backend.prepare(spec.agent, record.id, spec.limits)
+    if reap_orphans:
+        set_child_subreaper()
+    started = False
+    try:
+        main, watchdog, wd_fd = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2), join_supervisor=True)
+        try:
+            limits = backend.adopt(
+                spec.agent, record.id, [main.pid, watchdog.pid],
+                description=_describe(spec.agent, spec.argv), limits=spec.limits,
+                timeout=_backstop(spec.timeout), grace=spec.grace,
+            )
+            watchdog.release()
+        except BaseException:
+            main.abort()
+            watchdog.abort()
+            os.close(wd_fd)
+            raise
+        try:
+            main.release()
+        except BaseException:
+            os.close(wd_fd)  # the watchdog sees EOF and kills the scope
+            backend.teardown(cgroup)
+            Owner._reap(watchdog.pid)
+            raise
+        started = True
+    finally:
+        if not started:
+            backend.release(spec.agent, record.id, cgroup)
+            corral.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()))
+    record = record.replace(
+        state="running",
+        main_pid=main.pid,
+        owner_pid=os.getpid(),
+        owner_start=process_start(os.getpid()),
+        helper_pids=[watchdog.pid],
+        started_at=now_iso(),
+        limits={"requested": spec.limits.requested(), "effective": limits},
+    )
+    corral.store.save(record)
+    owner = Owner(
+        backend=backend, store=corral.store, record=record, cgroup=cgroup, main_pid=main.pid,
+        watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=False,
+        reap_orphans=reap_orphans, keep_leftovers=spec.keep_leftovers,
+    )
+    return record, owner
+
+def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: CgroupDir, *, stdio: tuple[int, int, int],
+               join_supervisor: bool):  # type: ignore[no-untyped-def]
+    """Fork the watchdog (into ``supervisor/``) and the main command (into ``payload/``),
+    both held at the gate until the caller has placed them in the unit."""
+    wd_r, wd_w = os.pipe2(os.O_CLOEXEC)
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    supervisor, payload = str(cgroup.supervisor.path), str(cgroup.payload.path)
+    try:
+        watchdog = fork_held(
+            watchdog_argv(str(cgroup.path / "cgroup.kill")),
+            env={"PATH": "/usr/bin:/bin"}, cwd="/", stdio=(wd_r, devnull, devnull),
+            join=(lambda: join(supervisor)) if join_supervisor else None, new_session=True,
+        )
+        try:
+            main = fork_held(spec.argv, env=_env(spec, record), cwd=record.cwd, stdio=stdio,
+                             join=lambda: join(payload))
+        except BaseException:
+            watchdog.abort()
+            raise
+    finally:
+        os.close(wd_r)
+        os.close(devnull)
+    return main, watchdog, wd_w
+
+def start_detached(corral: "Corral", spec: RunSpec) -> RunRecord:
+    """Start *spec* owned by a small process in the run's own scope; return once it runs."""
+    record = _new_record(corral, spec, detach=True)
+    corral.store.save(record)
+    return _run_detached(corral, spec, record)
+
+
+def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord) -> RunRecord:
+    backend = corral.backend
+    cgroup = backend.prepare(spec.agent, record.id, spec.limits)
+    log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)  # type: ignore[arg-type]
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+    first = os.fork()
+    if first == 0:  # pragma: no cover - runs in the forked child
+        try:
+            os.close(report_r)
+            os.close(gate_w)
+            os.setsid()
+            owner_pid = os.fork()  # double fork: the owner is nobody's child to reap
+            if owner_pid:
+                os.write(report_w, f"{owner_pid}\n".encode())
+                os._exit(0)
+            _detached_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r)
+        finally:
+            os._exit(1)
+    os.close(report_w)
+    os.close(gate_r)
+    os.close(log_fd)
+    os.waitpid(first, 0)
+    reader = os.fdopen(report_r, "rb")
+    try:
+        owner_line = reader.readline()
+        if not owner_line:
+            raise CorralError("the run's owner process did not start")
+        owner_pid = int(owner_line)
+        try:
+            limits = backend.adopt(
+                spec.agent, record.id, [owner_pid], description=_describe(spec.agent, spec.argv),
+                limits=spec.limits, timeout=_backstop(spec.timeout), grace=spec.grace,
+            )
+        except BaseException:
+            os.close(gate_w)  # the owner sees EOF at the gate and exits
+            backend.release(spec.agent, record.id, cgroup)
+            corral.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()))
+            raise
+        # The gate carries the read-back limits: the owner writes the one "running" record.
+        os.write(gate_w, b"g" + json.dumps(limits).encode() + b"\n")
+        os.close(gate_w)
+        reply = reader.readline().decode().strip()
+    finally:
+        reader.close()
+    if not reply.startswith("ok"):
+        from .errors import SpawnError
+
+        errno_text = reply.partition(" ")[2]
+        code = int(errno_text) if errno_text.isdigit() else 0
+        raise SpawnError(f"cannot run {spec.argv[0]!r}: {os.strerror(code) if code else reply or 'owner died'}",
+                         errno=code)
+    return corral.store.load(record.id) or record
+
+def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
+                    gate_r: int) -> None:  # pragma: no cover - runs in the forked owner
+    """Body of a detached run's owner: wait to be placed, start the pair, own the run.
+    The parent's D-Bus connection must not be used after fork, and the owner needs none."""
+    reset_signals_in_child()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(devnull)
+    with os.fdopen(gate_r, "rb") as gate:
+        line = gate.readline()
+    if not line.startswith(b"g"):
+        os._exit(125)
+    limits = json.loads(line[1:] or b"{}")
+    join(str(cgroup.supervisor.path))
+    set_child_subreaper()
+    try:
+        # The watchdog inherits supervisor/ from us; main joins payload/.
+        main, watchdog, wd_fd = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2), join_supervisor=False)
+        watchdog.release()
+        main.release()
+    except CorralError as err:
+        os.write(report_w, f"err {getattr(err, 'errno', 0)}\n".encode())
+        corral.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso(),
+                                       exit_code=getattr(err, "exit_code", 1)))
+        cgroup.kill()
+        os._exit(1)
+    running = record.replace(
+        state="running", main_pid=main.pid, owner_pid=os.getpid(), owner_start=process_start(os.getpid()),
+        helper_pids=[os.getpid(), watchdog.pid], started_at=now_iso(),
+        limits={"requested": spec.limits.requested(), "effective": limits},
+    )
+    corral.store.save(running)
+    os.write(report_w, b"ok\n")
+    os.close(report_w)
+    owner = Owner(
+        backend=corral.backend, store=corral.store, record=running, cgroup=cgroup, main_pid=main.pid,
+        watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=True,
+        reap_orphans=True, keep_leftovers=spec.keep_leftovers,
+    )
+    owner.wait(handle_signals=True)
+    os._exit(0)
+
+
+def _backstop(timeout: float | None) -> float | None:
+    """systemd's RuntimeMaxSec sits a second behind the owner's own deadline: the owner
+    records ``timeout`` precisely, systemd ends the run even if the owner could not."""
+    return None if timeout is None else timeout + 1.0
