@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import CorralCLI, alive, kill_pids
+from conftest import CORRAL as CORRAL_ARGV, CorralCLI, alive, kill_pids
 
 # Every process it starts appends its pid to $M: setsid, double fork, nohup, and main.
 SPAWNER = ('setsid sleep 1000 & echo $! >> "$M"; (sleep 1001 & echo $! >> "$M"); '
@@ -144,3 +144,34 @@ def test_crash_at_random_points_leaves_no_ghost(corral: CorralCLI) -> None:
     assert {r["id"] for r in report["reaped"]} <= populated
     corral("kill", agent)
     assert not corral.scopes_of(agent)
+
+
+def test_ctrl_c_reaches_the_command_once(corral: CorralCLI, tmp_path: Path) -> None:
+    """A real terminal: Ctrl-C is delivered by the tty to the foreground group; corral must
+    not deliver it a second time, and the command's own exit status comes back."""
+    import pty
+
+    agent = corral.agent()
+    count = tmp_path / "ints"
+    script = (f"n=0; trap 'n=$((n+1)); echo $n > {count}' INT; echo ready; "
+              "while [ $n -eq 0 ]; do sleep 0.05; done; sleep 0.5; exit $((40 + n))")
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(CORRAL_ARGV[0], [*CORRAL_ARGV, "run", agent, "--", "sh", "-c", script], corral.env)
+    out = b""
+    deadline = time.monotonic() + 20
+    while b"ready" not in out and time.monotonic() < deadline:
+        out += os.read(fd, 1024)
+    os.write(fd, b"\x03")  # the terminal turns this into SIGINT for the foreground group
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 41, out
+    assert count.read_text().strip() == "1", "SIGINT reached the command exactly once"

@@ -100,6 +100,10 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
         grace=grace, keep_leftovers=keep_leftovers,
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
     )
+    if not detach:
+        from .supervise import block_forwarded_signals
+
+        block_forwarded_signals()
     handle = c.corral.run(spec, detach=detach, reap_orphans=not detach)
     if detach:
         click.echo(handle.id)
@@ -325,6 +329,10 @@ def doctor(c: Ctx, as_json: bool) -> None:
             click.echo(f"{k} dir: {v}")
     if not report["chosen"]:
         sys.exit(69)
+
+
+from .cli_sessions import sessions as _sessions
+cli.add_command(_sessions)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -128,6 +128,9 @@ class Owner:
             old_wakeup = signal.set_wakeup_fd(wake_w)
             for sig in listen:
                 old_handlers[sig] = signal.signal(sig, lambda s, _f: received.append(s))
+            # The CLI blocks these before it starts the run (see block_forwarded_signals):
+            # a Ctrl-C that came during the launch is delivered now, to the handlers above.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, listen)
         poller = select.poll()
         poller.register(main_fd, select.POLLIN)
         poller.register(wd_fd, select.POLLIN)
@@ -284,6 +287,12 @@ class Owner:
                 return 0
             except InterruptedError:
                 continue
+
+
+def block_forwarded_signals() -> None:
+    """Hold Ctrl-C & co. pending from before the launch until the owner listens, so a
+    signal in that window is forwarded to the command instead of killing corral."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
 
 
 def _raise_interrupt(_sig: int, _frame: object) -> None:
