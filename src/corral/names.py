@@ -8,8 +8,8 @@ characters break tools. What is allowed is small on purpose.
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 
 from .errors import InvalidName
 
@@ -43,7 +43,7 @@ def validate_agent(name: str) -> str:
 
 
 def new_run_id() -> str:
-    return secrets.token_hex(RUN_ID_BYTES)
+    return os.urandom(RUN_ID_BYTES).hex()  # not secrets: it drags in hashlib/hmac at start-up
 
 
 def is_run_id(text: str) -> bool:
