@@ -10,7 +10,7 @@ APT_PKGS    := libsystemd-dev pkg-config systemd-container python3-venv python3-
 PYTEST      := $(VENV)/bin/pytest -q -p no:cacheprovider
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all deps test test-host test-systemd test-user demo bench clean
+.PHONY: all deps test test-host test-systemd test-user demo bench clean install install-user uninstall uninstall-user wheels
 
 all: test
 
@@ -37,7 +37,7 @@ test-host: deps
 	@echo "== tier 1: cgroupfs backend on this host's cgroup v2 =="
 	CORRAL_TEST_BACKENDS=cgroupfs $(PYTEST) tests
 
-test-systemd: deps
+test-systemd: deps wheels
 	@echo "== tier 2: systemd backend, system manager (root) in a throwaway container =="
 	$(PY) tests/nspawn.py -- env CORRAL_TEST_BACKENDS=systemd $(PYTEST) tests
 
@@ -57,3 +57,69 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# --- deployment ---------------------------------------------------------------------------
+# make install [PREFIX=/usr/local] [DESTDIR=] : package in its own venv under
+# $(PREFIX)/lib/corral, `corral` in $(PREFIX)/bin, units in $(UNITDIR) with ExecStart paths
+# following PREFIX, then daemon-reload. make install-user: the units for your user manager.
+# PIP_FLAGS lets an offline install take wheels from a directory: PIP_FLAGS="--no-index
+# --find-links=/path/to/wheels" (`make wheels` fills .wheels/ with every wheel needed).
+
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+BINDIR      := $(PREFIX)/bin
+LIBDIR      := $(PREFIX)/lib/corral
+DOCDIR      := $(PREFIX)/share/doc/corral
+UNITDIR     ?= /etc/systemd/system
+USERUNITDIR ?= $(HOME)/.config/systemd/user
+PIP_FLAGS   ?=
+UNITS       := $(wildcard units/*)
+
+wheels:
+	$(VENV)/bin/pip wheel -q --disable-pip-version-check -w .wheels . 'setuptools>=68' wheel
+
+define install_units
+	install -d -m 0755 $(1)
+	for u in $(UNITS); do \
+	  sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' $$u > $(1)/$$(basename $$u); \
+	  chmod 0644 $(1)/$$(basename $$u); \
+	done
+endef
+
+install:
+	@[ -x $(PY) ] || { echo "corral: $(PY) is missing (apt-get install python3-venv)"; exit 1; }
+	$(PY) -m venv $(DESTDIR)$(LIBDIR)/venv
+	$(DESTDIR)$(LIBDIR)/venv/bin/pip install -q --disable-pip-version-check $(PIP_FLAGS) .
+	@# a venv records its own path: when staged under DESTDIR, point it at the final one
+	@if [ -n "$(DESTDIR)" ]; then grep -rlI -- "$(DESTDIR)$(LIBDIR)" $(DESTDIR)$(LIBDIR)/venv/bin \
+	  $(DESTDIR)$(LIBDIR)/venv/pyvenv.cfg | xargs -r sed -i "s|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g"; fi
+	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(DOCDIR)
+	ln -sfn $(LIBDIR)/venv/bin/corral $(DESTDIR)$(BINDIR)/corral
+	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	$(call install_units,$(DESTDIR)$(UNITDIR))
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "corral installed: $(BINDIR)/corral, units in $(UNITDIR)"
+
+install-user:
+	@[ -x $(BINDIR)/corral ] || { echo "corral: run 'make install PREFIX=$(PREFIX)' first (or set PREFIX)"; exit 1; }
+	$(call install_units,$(USERUNITDIR))
+	@systemctl --user daemon-reload 2>/dev/null || true
+	@echo "corral user units installed in $(USERUNITDIR)"
+
+uninstall:
+	-@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  systemctl disable --now corral-broker.socket corral-gc.timer 2>/dev/null; \
+	  systemctl stop corral-broker.service corral-gc.service 2>/dev/null; fi; true
+	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$(basename $$u); done
+	rm -f $(DESTDIR)$(BINDIR)/corral
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
+	@# a private prefix (/opt/corral) goes entirely; shared ones (/usr/local) keep their dirs
+	@case "$(PREFIX)" in /usr|/usr/local|/) ;; *) for d in bin lib share/doc share ""; do \
+	  rmdir $(DESTDIR)$(PREFIX)/$$d 2>/dev/null || true; done;; esac
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "corral uninstalled from $(PREFIX)"
+
+uninstall-user:
+	-@systemctl --user disable --now corral-broker.socket corral-gc.timer 2>/dev/null; true
+	for u in $(UNITS); do rm -f $(USERUNITDIR)/$$(basename $$u); done
+	@systemctl --user daemon-reload 2>/dev/null || true
