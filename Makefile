@@ -9,6 +9,9 @@ VPY         := $(VENV)/bin/python
 APT_PKGS    := libsystemd-dev pkg-config systemd-container python3-venv python3-dev gcc
 PYTEST      := $(VENV)/bin/pytest -q -p no:cacheprovider
 export PYTHONDONTWRITEBYTECODE := 1
+# What depends on the backend runs in every tier; config, auth and pure tests only on the host.
+BACKEND_TESTS := tests/test_runs.py tests/test_lifecycle.py tests/test_library.py tests/test_session_runs.py \
+                 tests/test_agent_runs.py tests/test_systemd_view.py tests/test_deploy.py
 
 .PHONY: all deps test test-host test-systemd test-user demo bench clean install install-user uninstall uninstall-user wheels
 
@@ -39,11 +42,11 @@ test-host: deps
 
 test-systemd: deps wheels
 	@echo "== tier 2: systemd backend, system manager (root) in a throwaway container =="
-	$(PY) tests/nspawn.py -- env CORRAL_TEST_BACKENDS=systemd $(PYTEST) tests
+	$(PY) tests/nspawn.py -- env CORRAL_TEST_BACKENDS=systemd $(PYTEST) $(BACKEND_TESTS)
 
 test-user: deps
 	@echo "== tier 3: systemd backend, user manager (uid 1001) in a throwaway container =="
-	$(PY) tests/nspawn.py --user -- env CORRAL_TEST_BACKENDS=systemd $(PYTEST) tests
+	$(PY) tests/nspawn.py --user -- env CORRAL_TEST_BACKENDS=systemd $(PYTEST) $(BACKEND_TESTS)
 
 demo: deps
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/demo.sh

@@ -69,6 +69,11 @@ def test_installed_cli_runs(installed: None) -> None:
 def test_gc_timer_reaps_a_lost_run(installed: None) -> None:
     sh("systemctl", "enable", "--now", "corral-gc.timer")
     assert sh("systemctl", "is-active", "corral-gc.timer").stdout.strip() == "active"
+    # enabling may fire the timer at once (OnBootSec passed): let that pass end first
+    deadline = time.monotonic() + 30
+    while sh("systemctl", "is-active", "corral-gc.service", check=False).stdout.strip() in ("active", "activating"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     agent = "lost" + uuid.uuid4().hex[:6]
     env = installed_env()
     run_id = sh(CORRAL, "run", "--detach", agent, "--", "sh", "-c", "sleep 1000 & sleep 1000", env=env).stdout.strip()

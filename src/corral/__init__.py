@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .core import Corral, Run, RunView
+from .config import AgentConfig, ConfigBusy, ConfigParseError, ConfigStore, Settings
 from .errors import (
+    AgentNotFound,
     BackendError,
     Busy,
     ConfigError,
@@ -13,25 +15,34 @@ from .errors import (
     NotFound,
     PermissionDenied,
     RunNotFound,
+    SessionBusy,
     SpawnError,
     TeardownIncomplete,
     UsageError,
 )
 from .paths import Dirs
 from .records import RunRecord
+from .sessions import HolderInfo, Lease, SessionInfo, Waiting, list_sessions
 from .spec import Limits, RunSpec
 from .supervise import Outcome
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentConfig",
+    "AgentNotFound",
     "BackendError",
     "Busy",
+    "ConfigBusy",
     "ConfigError",
+    "ConfigParseError",
+    "ConfigStore",
     "Corral",
     "CorralError",
     "Dirs",
+    "HolderInfo",
     "InvalidName",
+    "Lease",
     "Limits",
     "NoBackend",
     "NotFound",
@@ -42,8 +53,13 @@ __all__ = [
     "RunRecord",
     "RunSpec",
     "RunView",
+    "SessionBusy",
+    "SessionInfo",
+    "Settings",
     "SpawnError",
     "TeardownIncomplete",
     "UsageError",
+    "Waiting",
     "__version__",
+    "list_sessions",
 ]

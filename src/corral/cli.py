@@ -66,17 +66,19 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 
 @cli.command()
 @click.argument("agent")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--detach", "-d", is_flag=True, help="Print the run id and return; output goes to the run's log.")
-@click.option("--session", metavar="KEY", help="Session key the run holds (recorded).")
-@click.option("--lock-timeout", type=float, metavar="SECS", help="How long to wait for the session lease.")
+@click.option("--session", metavar="KEY", help="Hold the exclusive lease on (AGENT, KEY) for the whole run.")
+@click.option("--lock-timeout", type=float, metavar="SECS",
+              help="Wait at most SECS for the session lease (0: fail at once; default: no limit). Exit 75.")
 @click.option("--timeout", metavar="DURATION", help="End the whole run after DURATION (90s, 30m, 2h): exit 124.")
 @click.option("--grace", type=float, default=10.0, show_default=True, metavar="SECS",
               help="After a forwarded signal, kill the whole run if it has not ended within SECS.")
 @click.option("--keep-leftovers", is_flag=True,
               help="When the command exits, let what it left behind finish (state: draining).")
+@click.option("--no-wait", is_flag=True, help="If the agent is at its max_runs, fail (exit 75) instead of waiting.")
 @click.option("--auth", metavar="PROFILE", help="Auth profile whose access token the run gets.")
-@click.option("--cwd", metavar="DIR", help="Working directory (default: the current one).")
+@click.option("--cwd", metavar="DIR", help="Working directory (default: the agent's workspace, else here).")
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
 @click.option("--memory-max", metavar="SIZE", help="Hard memory limit, e.g. 2G.")
 @click.option("--memory-high", metavar="SIZE", help="Memory throttling threshold, e.g. 1G.")
@@ -84,27 +86,28 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tasks-max", metavar="N", help="Most processes/threads the run may have.")
 @pass_ctx
 def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str | None,
-        lock_timeout: float | None, timeout: str | None, grace: float, keep_leftovers: bool, auth: str | None, cwd: str | None,
-        env_pairs: tuple[str, ...], memory_max: str | None, memory_high: str | None, cpu_quota: str | None,
-        tasks_max: str | None) -> None:
-    """Run COMMAND for AGENT in its own cgroup: corral run AGENT [OPTIONS] -- CMD [ARG...]"""
+        lock_timeout: float | None, timeout: str | None, grace: float, keep_leftovers: bool, no_wait: bool,
+        auth: str | None, cwd: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
+        memory_high: str | None, cpu_quota: str | None, tasks_max: str | None) -> None:
+    """Run COMMAND for AGENT in its own cgroup: corral run AGENT [OPTIONS] -- CMD [ARG...]
+
+    A configured agent (corral agents add) gives the workspace, env, limits, auth and
+    default command; flags override them. Any valid name may also be used ad hoc."""
+    from .agents import resolve_run
     from .names import validate_agent
-    from .spec import Limits, RunSpec
+    from .spec import Limits
 
     validate_agent(agent)
-    if auth is not None:
-        raise NotFound(f"no auth profile {auth!r}", hint="add one with: corral auth add PROFILE ...")
-    spec = RunSpec(
-        agent=agent, argv=command, cwd=cwd, env=_parse_env(env_pairs), session=session,
-        timeout=timeout,  # type: ignore[arg-type]
-        grace=grace, keep_leftovers=keep_leftovers,
+    spec, profile = resolve_run(
+        c.corral.dirs, agent, argv=command, cwd=cwd, env=_parse_env(env_pairs), auth=auth,
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
+        session=session, lock_timeout=lock_timeout, timeout=timeout, grace=grace, keep_leftovers=keep_leftovers,
+        wait_for_slot=not no_wait,
     )
-    if not detach:
-        from .supervise import block_forwarded_signals
-
-        block_forwarded_signals()
-    handle = c.corral.run(spec, detach=detach, reap_orphans=not detach)
+    if profile is not None:
+        spec = _with_auth(c, spec, profile)
+    handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach,
+                          on_wait=lambda w: click.echo(f"corral: waiting: {w}", err=True))
     if detach:
         click.echo(handle.id)
         return
@@ -116,6 +119,18 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
     elif outcome.ended_by == "lost-supervisor":
         click.echo(f"corral: run {handle.id}: its watchdog died; the run was killed whole", err=True)
     sys.exit(outcome.shell_status)
+
+
+def _with_auth(c: Ctx, spec: Any, profile: str) -> Any:
+    """The run gets what its agent needs from the auth profile (an access token and/or the
+    broker socket), never the refresh token."""
+    try:
+        from .auth import env_for_run
+    except ImportError:
+        raise NotFound(f"no auth profile {profile!r}", hint="add one with: corral auth add PROFILE ...") from None
+    import dataclasses
+
+    return dataclasses.replace(spec, env={**env_for_run(c.corral.dirs, profile), **spec.env})
 
 
 # --- listing ------------------------------------------------------------------------------
@@ -329,6 +344,15 @@ def doctor(c: Ctx, as_json: bool) -> None:
             click.echo(f"{k} dir: {v}")
     if not report["chosen"]:
         sys.exit(69)
+
+
+from .cli_sessions import sessions as _sessions
+cli.add_command(_sessions)
+
+
+from .cli_agents import agents as _agents
+cli.add_command(_agents)
+
 
 
 

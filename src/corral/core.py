@@ -15,7 +15,7 @@ import signal as _signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .backends import Backend, detect
 from .cgroup import CgroupDir
@@ -146,7 +146,8 @@ class Corral:
 
     # --- starting runs ----------------------------------------------------------------
 
-    def run(self, spec: RunSpec, *, detach: bool = False, reap_orphans: bool = False) -> Run:
+    def run(self, spec: RunSpec, *, detach: bool = False, reap_orphans: bool = False, hold_signals: bool = False,
+            on_wait: Callable[[object], None] | None = None) -> Run:
         """Start *spec* in its own cgroup.
 
         Attached (default): this process owns the run; call ``Run.wait()``. With
@@ -157,8 +158,9 @@ class Corral:
         from .launch import start_attached, start_detached
 
         if detach:
-            return Run(self, start_detached(self, spec))
-        record, owner = start_attached(self, spec, reap_orphans=reap_orphans)
+            return Run(self, start_detached(self, spec, on_wait=on_wait))
+        record, owner = start_attached(self, spec, reap_orphans=reap_orphans, hold_signals=hold_signals,
+                                       on_wait=on_wait)
         return Run(self, record, owner)
 
     # --- finding runs -----------------------------------------------------------------

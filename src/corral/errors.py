@@ -46,6 +46,12 @@ class RunNotFound(NotFound):
         self.run_id = run_id
 
 
+class AgentNotFound(NotFound):
+    def __init__(self, agent: str, *, hint: str | None = "list agents with: corral agents list") -> None:
+        super().__init__(f"no agent {agent!r} in the config", hint=hint)
+        self.agent = agent
+
+
 class NoBackend(CorralError, RuntimeError):
     """Neither a reachable systemd nor a writable cgroup v2 tree."""
 
@@ -101,3 +107,64 @@ def translate_oserror(err: OSError, *, what: str, path: str | None = None) -> Co
             hint="run as root, or as the user who owns this cgroup tree (see: corral doctor)",
         )
     return BackendError(f"{what}: {err.strerror or err}{where}")
+
+
+class SessionBusy(Busy):
+    """A session lease was not granted in time. Carries whom it waited for."""
+
+    def __init__(self, message: str, *, agent: str, key: str, holder: object = None, pids: list[int] | None = None,
+                 waited: float = 0.0, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.agent = agent
+        self.key = key
+        self.holder = holder  # a corral.sessions.HolderInfo, or None if nobody said who they are
+        self.pids = pids or []  # live processes of the previous run, when it was still draining
+        self.waited = waited
+
+    @property
+    def run_id(self) -> str | None:
+        return getattr(self.holder, "run_id", None)
+
+
+# --- auth (issue 6) -----------------------------------------------------------------------
+
+
+class ProfileNotFound(NotFound):
+    """An auth profile that is not in the config."""
+
+    def __init__(self, profile: str, *, hint: str | None = None) -> None:
+        super().__init__(f"no auth profile {profile!r}",
+                         hint=hint or "add one with: corral auth add PROFILE --token-url URL --client-id ID")
+        self.profile = profile
+
+
+class SignInAgain(PermissionDenied):
+    """The stored credential cannot be refreshed any more; only a new sign-in helps (exit 77).
+
+    Raised once, never retried: re-sending a rotated refresh token can make a provider
+    revoke the whole token family."""
+
+    def __init__(self, profile: str, reason: str) -> None:
+        super().__init__(f"auth profile {profile!r}: {reason}; sign in again: corral auth login {profile}")
+        self.profile = profile
+        self.reason = reason
+
+
+class AuthBusy(Busy):
+    """Another process holds the profile's refresh lock past our timeout (exit 75)."""
+
+    def __init__(self, profile: str, *, waited: float, holder: int | None = None) -> None:
+        who = f" (refresher pid {holder})" if holder else ""
+        super().__init__(
+            f"auth profile {profile!r}: a refresh in another process{who} did not finish within {waited:g}s",
+            hint="it may be hung; retry later, or end it (kill PID) and retry",
+        )
+        self.profile = profile
+        self.waited = waited
+        self.holder = holder
+
+
+class AuthError(CorralError, RuntimeError):
+    """The token endpoint failed in a way a retry later may fix (network, 5xx, bad answer)."""
+
+    exit_code = 1

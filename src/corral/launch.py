@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .cgroup import CgroupDir, join
 from .errors import CorralError, UsageError
@@ -18,10 +18,12 @@ from .procs import process_start
 from .records import RunRecord, now_iso
 from .spawn import fork_held, reset_signals_in_child
 from .spec import RunSpec
-from .supervise import Owner, set_child_subreaper, watchdog_argv
+from .supervise import (Owner, block_forwarded_signals, set_child_subreaper, unblock_forwarded_signals,
+                        watchdog_argv)
 
 if TYPE_CHECKING:
     from .core import Corral
+    from .sessions import Lease
 
 DESCRIPTION_MAX = 200
 
@@ -69,10 +71,63 @@ def _env(spec: RunSpec, record: RunRecord) -> dict[str, str]:
     env["CORRAL_UNIT"] = record.unit
     return env
 
-def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = False) -> tuple[RunRecord, Owner]:
-    """Start *spec* owned by this process: the caller waits on the returned Owner."""
-    record = _new_record(corral, spec, detach=False)
-    corral.store.save(record)
+def _take_leases(corral: "Corral", spec: RunSpec, on_wait: Callable[[object], None] | None) -> list["Lease"]:
+    """The session lease, then a slot under the agent's cap, taken before the run exists:
+    waiting must not hold a unit. The session comes first so that a run queued on a busy
+    session does not sit on a slot another session's run could use."""
+    if spec.budget is not None and spec.budget.requested():
+        corral.backend.apply_budget(spec.budget)
+    leases: list = []
+    try:
+        if spec.session:
+            from .sessions import Lease
+
+            leases.append(Lease.acquire(corral.dirs, spec.agent, spec.session, timeout=spec.lock_timeout,
+                                        on_wait=on_wait))
+        if spec.max_runs:
+            from .slots import Slot
+
+            leases.append(Slot.acquire(corral.dirs, spec.agent, spec.max_runs, wait=spec.wait_for_slot,
+                                       on_wait=on_wait))
+    except BaseException:
+        _release_all(leases)
+        raise
+    return leases
+
+
+def _release_all(leases: list["Lease"]) -> None:
+    for lease in leases:
+        lease.release()
+
+
+def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = False, hold_signals: bool = False,
+                   on_wait: Callable[[object], None] | None = None) -> tuple[RunRecord, Owner]:
+    """Start *spec* owned by this process: the caller waits on the returned Owner.
+
+    *hold_signals*: block Ctrl-C & co. from just before the fork until ``Owner.wait``
+    listens (the CLI), so a signal in that window reaches the command, not corral.
+    """
+    leases = _take_leases(corral, spec, on_wait)
+    try:
+        record = _new_record(corral, spec, detach=False)
+        for lease in leases:
+            lease.update_holder(run_id=record.id, cgroup=record.cgroup)  # before any process is in it
+        corral.store.save(record)
+        if hold_signals:
+            block_forwarded_signals()
+        record, owner = _start_attached(corral, spec, record, reap_orphans=reap_orphans)
+    except BaseException:
+        if hold_signals:
+            unblock_forwarded_signals()
+        _release_all(leases)
+        raise
+    for lease in leases:
+        lease.update_holder(main_pid=owner.main_pid)
+    owner.leases = leases
+    return record, owner
+
+
+def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_orphans: bool) -> tuple[RunRecord, Owner]:
     backend = corral.backend
     cgroup = backend.prepare(spec.agent, record.id, spec.limits)
     if reap_orphans:
@@ -145,14 +200,25 @@ def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: Cgrou
         os.close(devnull)
     return main, watchdog, wd_w
 
-def start_detached(corral: "Corral", spec: RunSpec) -> RunRecord:
-    """Start *spec* owned by a small process in the run's own scope; return once it runs."""
-    record = _new_record(corral, spec, detach=True)
-    corral.store.save(record)
-    return _run_detached(corral, spec, record)
+def start_detached(corral: "Corral", spec: RunSpec, *, on_wait: Callable[[object], None] | None = None) -> RunRecord:
+    """Start *spec* owned by a small process in the run's own scope; return once it runs.
+    The session lease travels to that owner with the fork; this process drops its copy."""
+    leases = _take_leases(corral, spec, on_wait)
+    try:
+        record = _new_record(corral, spec, detach=True)
+        for lease in leases:
+            lease.update_holder(run_id=record.id, cgroup=record.cgroup)
+        corral.store.save(record)
+        return _run_detached(corral, spec, record, leases)
+    except BaseException:
+        _release_all(leases)  # no owner took it over (it would have reported "ok")
+        raise
+    finally:
+        for lease in leases:
+            lease.close()  # the owner's copy keeps the lock; release() above is a no-op after it
 
 
-def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord) -> RunRecord:
+def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: list["Lease"]) -> RunRecord:
     backend = corral.backend
     cgroup = backend.prepare(spec.agent, record.id, spec.limits)
     log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)  # type: ignore[arg-type]
@@ -168,7 +234,11 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord) -> RunReco
             if owner_pid:
                 os.write(report_w, f"{owner_pid}\n".encode())
                 os._exit(0)
-            _detached_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r)
+            _detached_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r, leases)
+        except BaseException:  # noqa: BLE001 - say why (on the caller's stderr or the run's log)
+            import traceback
+
+            traceback.print_exc()
         finally:
             os._exit(1)
     os.close(report_w)
@@ -207,7 +277,7 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord) -> RunReco
     return corral.store.load(record.id) or record
 
 def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
-                    gate_r: int) -> None:  # pragma: no cover - runs in the forked owner
+                    gate_r: int, leases: list["Lease"]) -> None:  # pragma: no cover - runs in the forked owner
     """Body of a detached run's owner: wait to be placed, start the pair, own the run.
     The parent's D-Bus connection must not be used after fork, and the owner needs none."""
     reset_signals_in_child()
@@ -239,6 +309,8 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
         helper_pids=[os.getpid(), watchdog.pid], started_at=now_iso(),
         limits={"requested": spec.limits.requested(), "effective": limits},
     )
+    for lease in leases:
+        lease.update_holder(owner_pid=os.getpid(), main_pid=main.pid)
     corral.store.save(running)
     os.write(report_w, b"ok\n")
     os.close(report_w)
@@ -247,6 +319,7 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
         watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=True,
         reap_orphans=True, keep_leftovers=spec.keep_leftovers,
     )
+    owner.leases = leases
     owner.wait(handle_signals=True)
     os._exit(0)
 

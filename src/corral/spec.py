@@ -48,6 +48,10 @@ class RunSpec:
     limits: Limits = field(default_factory=Limits)
     timeout: float | None = None  # seconds
     session: str | None = None
+    lock_timeout: float | None = None  # seconds to wait for the session lease; None: no limit
+    max_runs: int | None = None  # the agent's concurrency cap (from its config)
+    wait_for_slot: bool = True  # at the cap: wait (True) or fail with exit 75 (False)
+    budget: Limits | None = None  # [corral] limits for corral.slice (all agents together)
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
     keep_leftovers: bool = False  # let processes main left behind end on their own
 

@@ -108,6 +108,7 @@ class Owner:
         self.keep_leftovers = keep_leftovers  # let what main left behind end on its own
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
+        self.leases: list = []  # session leases held for the run, released once it is torn down
 
     # ------------------------------------------------------------------------------------
 
@@ -215,11 +216,19 @@ class Owner:
         self.store.save(self.record)
         if self.in_cgroup:
             self._leave_scope()
+            self._release_leases()
             return self.outcome
         if not self.cgroup.wait_empty(2.0):
             self.backend.teardown(self.cgroup)
         self.backend.release(self.record.agent, self.record.id, self.cgroup)
+        self._release_leases()
         return self.outcome
+
+    def _release_leases(self) -> None:
+        """Only now: the run's processes are gone, so the next holder may start."""
+        for lease in self.leases:
+            lease.release()
+        self.leases = []
 
     def _drain(self, exit_code: int | None, sig: int | None) -> None:
         """--keep-leftovers: main has ended, what it left may finish on its own. The run is
@@ -293,6 +302,10 @@ def block_forwarded_signals() -> None:
     """Hold Ctrl-C & co. pending from before the launch until the owner listens, so a
     signal in that window is forwarded to the command instead of killing corral."""
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+
+
+def unblock_forwarded_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 
 
 def _raise_interrupt(_sig: int, _frame: object) -> None:

@@ -111,6 +111,24 @@ class Backend(ABC):
     def close(self) -> None:
         """Release connections."""
 
+    def apply_budget(self, limits: Limits) -> None:
+        """The ``[corral]`` budget: limits on corral.slice, i.e. on all agent work together.
+        Here: the kernel files where the controllers are available (cgroupfs)."""
+        root = CgroupDir(self.slice_dir())
+        try:
+            root.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            log.warning("cannot create %s for the budget: %s", root.path, err)
+            return
+        writes = {"memory.max": limits.memory_max, "memory.high": limits.memory_high, "pids.max": limits.tasks_max,
+                  "cpu.max": f"{int(limits.cpu_quota * 1000)} 100000" if limits.cpu_quota else None}
+        for name, value in writes.items():
+            if value is not None and (root.path / name).exists():
+                try:
+                    (root.path / name).write_text(str(value))
+                except OSError as err:
+                    log.warning("budget %s=%s on %s: %s", name, value, root.path, err)
+
     # --- shared -------------------------------------------------------------------------
 
     def unit_name(self, agent: str, run_id: str) -> str:

@@ -251,6 +251,24 @@ class SystemdBackend(Backend):
         self._removed_units.discard(name)
         return True
 
+    def apply_budget(self, limits: Limits) -> None:
+        """SetUnitProperties(corral.slice, runtime): systemd owns the slice's files."""
+        from pystemd.dbuslib import apply_signature
+
+        props: list[tuple[str, str, Any]] = []
+        if limits.memory_max is not None:
+            props.append(("MemoryMax", "t", limits.memory_max))
+        if limits.memory_high is not None:
+            props.append(("MemoryHigh", "t", limits.memory_high))
+        if limits.tasks_max is not None:
+            props.append(("TasksMax", "t", limits.tasks_max))
+        if limits.cpu_quota is not None:
+            props.append(("CPUQuotaPerSecUSec", "t", int(limits.cpu_quota * 10_000)))
+        if not props:
+            return
+        args = apply_signature(b"sb", [ROOT_SLICE.encode(), True]) + _prop_args(props)
+        self._call(b"SetUnitProperties", args, f"set the budget on {ROOT_SLICE}")
+
     def freeze(self, cgroup: CgroupDir, frozen: bool) -> None:
         # FreezeUnit needs the unified hierarchy in systemd's eyes; on hybrid hosts it says
         # "not supported", so the kernel file is the one way that works everywhere.
