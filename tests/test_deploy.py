@@ -121,6 +121,35 @@ def test_stopping_corral_slice_ends_every_run(installed: None) -> None:
     assert not json.loads(sh(CORRAL, "ps", "--json", env=env).stdout)
 
 
+def test_agent_template_runs_the_agent_in_its_slice(installed: None) -> None:
+    import json
+
+    env = installed_env()
+    agent = "svc" + uuid.uuid4().hex[:6]
+    sh(CORRAL, "agents", "add", agent, "--command", "sh -c 'sleep 1000 & sleep 1001'", env=env)
+    service = f"corral-agent@{agent}.service"
+    try:
+        sh("systemctl", "start", service)
+        deadline = time.monotonic() + 15
+        while True:
+            runs = [r for r in json.loads(sh(CORRAL, "ps", "--json", env=env).stdout) if r["agent"] == agent]
+            if runs and runs[0]["pids"] == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        (run,) = runs
+        assert run["pids"] == 3
+        assert sh("systemctl", "show", "-P", "Slice", service).stdout.strip() == f"corral-{agent}.slice"
+        assert sh("systemctl", "show", "-P", "Slice", run["unit"]).stdout.strip() == f"corral-{agent}.slice"
+        cgls = sh("systemd-cgls", "--no-pager", f"/corral.slice/corral-{agent}.slice").stdout
+        assert service in cgls and run["unit"] in cgls and "sleep 1001" in cgls
+        sh("systemctl", "stop", service)
+        after = {r["id"]: r for r in json.loads(sh(CORRAL, "ps", "--all", "--json", env=env).stdout)}[run["id"]]
+        assert after["state"] == "killed" and after["pids"] == 0
+    finally:
+        sh("systemctl", "stop", service, check=False)
+        sh(CORRAL, "agents", "rm", agent, env=env, check=False)
+
+
 def test_uninstall_leaves_nothing(installed: None) -> None:
     sh("make", "-C", str(REPO), "uninstall", f"PREFIX={PREFIX}")
     assert not list(UNITDIR.glob("corral*"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -9,17 +11,39 @@ from pathlib import Path
 from conftest import CorralCLI
 
 
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 30) -> None:
+    """Read the process's stderr until *needle* shows (corral says 'waiting' once queued)."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while needle.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {needle!r} from corral: {seen!r}"
+        ready, _, _ = select.select([proc.stderr], [], [], left)
+        if ready:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, f"corral exited before {needle!r}: {seen!r}"
+            seen += chunk
+
+
 def test_runs_on_one_session_take_turns_in_arrival_order(corral: CorralCLI, tmp_path: Path) -> None:
     agent = corral.agent()
     log = tmp_path / "log"
+    go = tmp_path / "go"
     procs = []
     for i in range(8):
-        script = f'echo "start {i} $(date +%s.%N)" >> {log}; sleep 0.2; echo "end {i} $(date +%s.%N)" >> {log}'
-        procs.append(corral.popen("run", "--session", "shared", agent, "--", "sh", "-c", script,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(0.05)  # distinct arrivals
+        hold = f"while [ ! -e {go} ]; do sleep 0.02; done; " if i == 0 else "sleep 0.1; "
+        script = f'echo "start {i} $(date +%s.%N)" >> {log}; {hold}echo "end {i} $(date +%s.%N)" >> {log}'
+        proc = corral.popen("run", "--session", "shared", agent, "--", "sh", "-c", script,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        if i == 0:
+            corral.wait_for(lambda: log.exists(), what="first holder running")
+        else:
+            _wait_for_line(proc, "waiting")  # queued: its arrival is now fixed
+    go.touch()
     for p in procs:
         assert p.wait(timeout=60) == 0
+        p.stderr.close()
     events = [line.split() for line in log.read_text().splitlines()]
     kinds = [(kind, int(i)) for kind, i, _t in events]
     # strictly one at a time: start i, end i, start j, end j, ...

@@ -238,7 +238,11 @@ def test_32_sessions_in_parallel_none_waits(spawn: Any, dirs: Dirs, tmp_path: Pa
     waits.sort()
     print(f"32 sessions: lease wait p50 {waits[16] * 1e3:.2f} ms, max {waits[-1] * 1e3:.2f} ms")
     assert len(held) == 32, "all 32 leases are held at the same time"
-    assert waits[-1] < 0.050
+    # Each holder keeps its lease 1 s: any serialisation between sessions would show as a
+    # wait of a second or more. The 50 ms figure itself is a measurement (printed above,
+    # typically max 4-11 ms here), not a wall-clock assertion: 32 processes woken at once
+    # on 2 cores can be scheduled late by a busy machine.
+    assert waits[-1] < 0.5
 
 
 def test_8_holders_on_one_session_strictly_one_at_a_time_in_arrival_order(spawn: Any, tmp_path: Path) -> None:

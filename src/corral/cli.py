@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from .errors import CorralError, NotFound, UsageError
+from .errors import CorralError, NotFound
+from .units import parse_env_pairs
 
 
 class Ctx:
@@ -54,14 +55,6 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 # --- run ----------------------------------------------------------------------------------
 
 
-def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"invalid --env {pair!r}: use KEY=VALUE")
-        env[key] = value
-    return env
 
 
 @cli.command()
@@ -99,7 +92,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
 
     validate_agent(agent)
     spec, profile = resolve_run(
-        c.corral.dirs, agent, argv=command, cwd=cwd, env=_parse_env(env_pairs), auth=auth,
+        c.corral.dirs, agent, argv=command, cwd=cwd, env=parse_env_pairs(env_pairs), auth=auth,
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
         session=session, lock_timeout=lock_timeout, timeout=timeout, grace=grace, keep_leftovers=keep_leftovers,
         wait_for_slot=not no_wait,

@@ -10,23 +10,15 @@ from typing import Any
 
 import click
 
-from .errors import AgentNotFound, UsageError
+from .errors import AgentNotFound
 from .paths import Dirs
-from .units import format_bytes
+from .units import format_bytes, parse_env_pairs
 
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"invalid --env {pair!r}: use KEY=VALUE")
-        env[key] = value
-    return env
 
 
 def _backend(obj: Any) -> str | None:
@@ -63,7 +55,7 @@ def add(name: str, workspace: str | None, command: str | None, worktree: str | N
              "tasks_max": tasks_max, "max_runs": max_runs, "auth": auth}
     changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if env_pairs:
-        changes["env"] = _parse_env(env_pairs)
+        changes["env"] = parse_env_pairs(env_pairs)
     agent = create_agent(Dirs.from_env(), name, changes, worktree=worktree, update=update)
     where = f" (worktree {agent.worktree.path}, branch {agent.worktree.branch})" if agent.worktree and worktree else ""
     click.echo(f"{agent.name}: {'updated' if update else 'added'}{where}")

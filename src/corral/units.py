@@ -87,3 +87,14 @@ def format_bytes(value: int | None) -> str:
             return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
         value /= 1024  # type: ignore[assignment]
     return str(value)
+
+
+def parse_env_pairs(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``("K=V", ...)`` from repeated ``--env`` flags -> a dict; a pair without '=' is an error."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"invalid --env {pair!r}: use KEY=VALUE")
+        env[key] = value
+    return env

@@ -80,6 +80,20 @@ def _prop_args(props: list[tuple[str, str, Any]]) -> list[Any]:
     return args
 
 
+def _limit_props(limits: Limits) -> list[tuple[str, str, Any]]:
+    """Unit properties for corral's limits (CPUQuota is in usec of CPU per second)."""
+    props: list[tuple[str, str, Any]] = []
+    if limits.memory_max is not None:
+        props.append(("MemoryMax", "t", limits.memory_max))
+    if limits.memory_high is not None:
+        props.append(("MemoryHigh", "t", limits.memory_high))
+    if limits.tasks_max is not None:
+        props.append(("TasksMax", "t", limits.tasks_max))
+    if limits.cpu_quota is not None:
+        props.append(("CPUQuotaPerSecUSec", "t", int(limits.cpu_quota * 10_000)))
+    return props
+
+
 class SystemdBackend(Backend):
     name = "systemd"
 
@@ -167,14 +181,7 @@ class SystemdBackend(Backend):
             ("Delegate", "b", True),
             ("TimeoutStopUSec", "t", int(grace * 1_000_000)),
         ]
-        if limits.memory_max is not None:
-            props.append(("MemoryMax", "t", limits.memory_max))
-        if limits.memory_high is not None:
-            props.append(("MemoryHigh", "t", limits.memory_high))
-        if limits.tasks_max is not None:
-            props.append(("TasksMax", "t", limits.tasks_max))
-        if limits.cpu_quota is not None:
-            props.append(("CPUQuotaPerSecUSec", "t", int(limits.cpu_quota * 10_000)))
+        props += _limit_props(limits)
         if timeout is not None:
             props.append(("RuntimeMaxUSec", "t", int(timeout * 1_000_000)))
         from pystemd.dbuslib import apply_signature
@@ -255,15 +262,7 @@ class SystemdBackend(Backend):
         """SetUnitProperties(corral.slice, runtime): systemd owns the slice's files."""
         from pystemd.dbuslib import apply_signature
 
-        props: list[tuple[str, str, Any]] = []
-        if limits.memory_max is not None:
-            props.append(("MemoryMax", "t", limits.memory_max))
-        if limits.memory_high is not None:
-            props.append(("MemoryHigh", "t", limits.memory_high))
-        if limits.tasks_max is not None:
-            props.append(("TasksMax", "t", limits.tasks_max))
-        if limits.cpu_quota is not None:
-            props.append(("CPUQuotaPerSecUSec", "t", int(limits.cpu_quota * 10_000)))
+        props = _limit_props(limits)
         if not props:
             return
         args = apply_signature(b"sb", [ROOT_SLICE.encode(), True]) + _prop_args(props)
