@@ -150,6 +150,36 @@ def test_agent_template_runs_the_agent_in_its_slice(installed: None) -> None:
         sh(CORRAL, "agents", "rm", agent, env=env, check=False)
 
 
+def test_broker_socket_activation_serves_tokens(installed: None) -> None:
+    """The installed broker socket listens; `corral auth token` through it starts the
+    broker service, which refreshes against a real OAuth server on 127.0.0.1."""
+    import json
+
+    from _auth_util import OAuthServer
+
+    env = installed_env()
+    server = OAuthServer()
+    try:
+        pair = server.mint()
+        sh("systemctl", "enable", "--now", "corral-broker.socket")
+        sock = Path("/run/corral/broker.sock")
+        assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o600
+        assert sh("systemctl", "is-active", "corral-broker.service", check=False).stdout.strip() != "active"
+        profile = "deploy" + uuid.uuid4().hex[:4]
+        sh(CORRAL, "auth", "add", profile, "--token-url", server.token_url, "--client-id", "corral-test", env=env)
+        proc = subprocess.run([CORRAL, "auth", "login", profile, "--refresh-token-stdin"], input=pair["refresh_token"] + "\n",
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        token = sh(CORRAL, "auth", "token", profile, env=env).stdout.strip()
+        assert token and token != pair["refresh_token"]
+        assert sh("systemctl", "is-active", "corral-broker.service").stdout.strip() == "active", "socket-activated"
+        status = json.loads(sh(CORRAL, "auth", "status", profile, "--json", env=env).stdout)
+        assert pair["refresh_token"] not in json.dumps(status)
+    finally:
+        server.stop()
+        sh("systemctl", "stop", "corral-broker.service", "corral-broker.socket", check=False)
+
+
 def test_uninstall_leaves_nothing(installed: None) -> None:
     sh("make", "-C", str(REPO), "uninstall", f"PREFIX={PREFIX}")
     assert not list(UNITDIR.glob("corral*"))

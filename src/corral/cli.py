@@ -347,7 +347,9 @@ from .cli_agents import agents as _agents
 cli.add_command(_agents)
 
 
-
+from .cli_auth import auth as _auth, broker as _broker
+cli.add_command(_auth)
+cli.add_command(_broker)
 
 
 def main(argv: list[str] | None = None) -> None:

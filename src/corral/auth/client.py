@@ -1,0 +1,142 @@
+"""Getting an access token: from the broker if one is listening, else in this process.
+
+Both paths end in the same single-flight refresh (:func:`corral.auth.refresh.get_token`),
+so mixing them never refreshes one token twice. :func:`env_for_run` is what
+``corral run --auth PROFILE`` gives a run: an access token and the broker's socket,
+never the refresh token.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from ..errors import (AuthBusy, AuthError, ConfigError, CorralError, PermissionDenied, ProfileNotFound,
+                      SignInAgain, UsageError)
+from ..paths import Dirs
+from .broker import socket_path
+from .profiles import get_profile
+from .refresh import DEFAULT_HTTP_TIMEOUT, DEFAULT_TIMEOUT, AccessToken, get_token
+
+SOCKET_ENV = "CORRAL_AUTH_SOCKET"
+PROFILE_ENV = "CORRAL_AUTH_PROFILE"
+
+
+def broker_socket(dirs: Dirs) -> Path:
+    """The broker socket a caller should try: ``$CORRAL_AUTH_SOCKET`` inside a run, else
+    the runtime dir's."""
+    return Path(os.environ.get(SOCKET_ENV) or socket_path(dirs))
+
+
+def ask_broker(path: Path, request: dict[str, Any], *, timeout: float) -> dict[str, Any] | None:
+    """One request, one answer. None when no broker listens at *path*."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            return None
+        except PermissionError:
+            raise PermissionDenied(f"{path}: permission denied; the broker there belongs to another user",
+                                   hint=f"unset {SOCKET_ENV}, or run as the broker's user") from None
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reader = sock.makefile("rb")
+            line = reader.readline(1 << 16)
+        except socket.timeout:
+            raise AuthError(f"the broker at {path} did not answer within {timeout:g}s") from None
+        except OSError as err:
+            if err.errno in (errno.ECONNRESET, errno.EPIPE):
+                line = b""
+            else:
+                raise AuthError(f"talking to the broker at {path}: {err.strerror or err}") from None
+    finally:
+        sock.close()
+    if not line:
+        raise AuthError(f"the broker at {path} closed the connection without an answer")
+    try:
+        answer = json.loads(line)
+        if not isinstance(answer, dict):
+            raise ValueError
+    except ValueError:
+        raise AuthError(f"the broker at {path} sent something that is not a JSON object") from None
+    return answer
+
+
+def _raise_remote(answer: dict[str, Any], profile: str) -> None:
+    """The broker's error, as the exception the same failure raises in-process."""
+    kind, message, hint = answer.get("kind"), str(answer.get("error") or "broker error"), answer.get("hint")
+    err: CorralError
+    if kind == "sign_in_again":
+        err = SignInAgain(profile, str(answer.get("reason") or message))
+    elif kind == "busy":
+        err = AuthBusy(profile, waited=float(answer.get("waited") or 0), holder=answer.get("holder"))
+    elif kind == "not_found":
+        err = ProfileNotFound(profile, hint="the broker does not know it: is it using the same config?")
+    elif kind == "permission":
+        err = PermissionDenied(message, hint=hint)
+    elif kind == "config":
+        err = ConfigError(message, hint=hint)
+    elif kind == "usage":
+        err = UsageError(message, hint=hint)
+    else:
+        err = AuthError(message, hint=hint)
+    raise err
+
+
+def token_from_broker(path: Path, profile: str, *, timeout: float = DEFAULT_TIMEOUT) -> AccessToken | None:
+    """An access token from the broker at *path*; None when no broker listens there."""
+    answer = ask_broker(path, {"op": "token", "profile": profile, "timeout": timeout},
+                        timeout=timeout + DEFAULT_HTTP_TIMEOUT + 5)
+    if answer is None:
+        return None
+    if not answer.get("ok"):
+        _raise_remote(answer, profile)
+    access = answer.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise AuthError(f"the broker at {path} answered without an access token")
+    expires = answer.get("expires_at")
+    return AccessToken(profile, access, str(answer.get("token_type") or "Bearer"),
+                       float(expires) if isinstance(expires, (int, float)) else None, via="broker")
+
+
+def access_token(dirs: Dirs, profile: str, *, timeout: float = DEFAULT_TIMEOUT, use_broker: bool = True) -> AccessToken:
+    """A valid access token for *profile*: from the broker if it is up, else refreshed here
+    under the same single-flight lock. ``corral auth token`` prints this."""
+    if use_broker:
+        got = token_from_broker(broker_socket(dirs), profile, timeout=timeout)
+        if got is not None:
+            return got
+    return get_token(dirs, profile, timeout=timeout)
+
+
+def env_for_run(dirs: Dirs, profile: str, *, timeout: float = DEFAULT_TIMEOUT) -> dict[str, str]:
+    """The environment ``corral run --auth PROFILE`` adds to a run.
+
+    - ``<profile.env_var>``: a valid access token (default ``CORRAL_ACCESS_TOKEN``);
+    - ``CORRAL_AUTH_PROFILE``: the profile name;
+    - ``CORRAL_AUTH_SOCKET``: the broker socket, when a broker is listening, so that a
+      long run can ask for a fresh token (``corral auth token PROFILE`` uses it).
+
+    Never the refresh token. Unknown profile: :class:`ProfileNotFound` (exit 3); not
+    signed in or spent: :class:`SignInAgain` (exit 77).
+    """
+    prof = get_profile(dirs, profile)  # exit 3 first, whatever the broker would say
+    path = broker_socket(dirs)
+    got = token_from_broker(path, profile, timeout=timeout)
+    env = {PROFILE_ENV: profile}
+    if got is not None:
+        env[SOCKET_ENV] = str(path)
+    else:
+        got = get_token(dirs, profile, timeout=timeout)
+    env[prof.env_var] = got.access_token
+    return env
+
+
+__all__ = ["PROFILE_ENV", "SOCKET_ENV", "access_token", "ask_broker", "broker_socket", "env_for_run",
+           "token_from_broker"]

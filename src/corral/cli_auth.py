@@ -1,0 +1,139 @@
+"""``corral auth add|login|status|token`` and ``corral broker``: parse, call, print.
+
+Errors are raised as CorralError subclasses; ``corral.cli.main`` maps them to exit codes
+(3 unknown profile, 75 a refresh held by a hung process, 77 sign in again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import UsageError
+from .paths import Dirs
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.group()
+def auth() -> None:
+    """Auth profiles: one credential per provider, refreshed single-flight, never copied into agents."""
+
+
+@auth.command()
+@click.argument("profile")
+@click.option("--token-url", metavar="URL", help="The provider's OAuth 2.0 token endpoint (https).")
+@click.option("--client-id", metavar="ID", help="The OAuth client id the credential was issued to.")
+@click.option("--scope", metavar="S", help="Scope to ask for on refresh (default: as originally granted).")
+@click.option("--env-var", metavar="NAME", help="Variable a run gets the access token in (default CORRAL_ACCESS_TOKEN).")
+@click.option("--refresh-window", metavar="SECS", help="Refresh this long before expiry (default 300).")
+@click.option("--update", is_flag=True, help="Change an existing profile (only the options given).")
+def add(profile: str, token_url: str | None, client_id: str | None, scope: str | None, env_var: str | None,
+        refresh_window: str | None, update: bool) -> None:
+    """Add auth PROFILE to config.toml (no secret goes there)."""
+    from .auth.profiles import add_profile
+
+    p = add_profile(Dirs.from_env(), profile, token_url=token_url, client_id=client_id, scope=scope,
+                    env_var=env_var, refresh_window=refresh_window, update=update)
+    click.echo(f"auth profile {p.name}: {p.token_url} (client {p.client_id}); "
+               f"sign in with: corral auth login {p.name} --refresh-token-stdin")
+
+
+@auth.command()
+@click.argument("profile")
+@click.option("--refresh-token-stdin", "from_stdin", is_flag=True, help="Read a refresh token from stdin.")
+@click.option("--from-file", "from_file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Import another tool's JSON auth file (e.g. ~/.codex/auth.json).")
+def login(profile: str, from_stdin: bool, from_file: str | None) -> None:
+    """Store PROFILE's credential (a refresh token, and an access token if the file has one)."""
+    from .auth.importers import read_auth_file
+    from .auth.refresh import login as do_login
+    from .auth.store import iso
+
+    if from_stdin == (from_file is not None):
+        raise UsageError("give exactly one of --refresh-token-stdin and --from-file FILE")
+    dirs = Dirs.from_env()
+    if from_stdin:
+        if sys.stdin.isatty():
+            click.echo("paste the refresh token, then press Enter:", err=True)
+        token = do_login(dirs, profile, refresh_token=sys.stdin.readline(), source="login:stdin")
+    else:
+        assert from_file is not None
+        imported = read_auth_file(from_file)
+        token = do_login(dirs, profile, refresh_token=imported.refresh_token, access_token=imported.access_token,
+                         expires_at=imported.expires_at, scope=imported.scope,
+                         source=f"login:file:{Path(from_file).resolve()}")
+        # Rotation makes copies die: after corral's first refresh the file's refresh token
+        # is spent, and the tool that owns the file would hit refresh_token_reused.
+        click.echo(f"note: {from_file} still holds a copy of this credential; after corral's first refresh it "
+                   "is spent. Point that tool at `corral auth token` (or remove its copy) instead of using both.",
+                   err=True)
+    expiry = f"access token valid until {iso(token.expires_at)}" if token.valid(token.obtained_at) else \
+        "access token will be fetched on first use"
+    click.echo(f"signed in auth profile {profile} ({expiry})")
+
+
+@auth.command()
+@click.argument("profile", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(profile: str | None, as_json: bool) -> None:
+    """Expiry, last refresh and state of PROFILE (or all profiles). Never prints a secret."""
+    from .auth.status import status as get_status
+
+    report = get_status(Dirs.from_env(), profile)
+    if as_json:
+        _echo_json(report)
+        return
+    broker = report["broker"]
+    click.echo(f"broker: {'up (pid ' + str(broker['pid']) + ')' if broker['up'] else 'not running'} "
+               f"at {broker['socket']}")
+    rows = [[p["profile"], p["state"], p.get("expires_at") or "-", _left(p.get("expires_in")),
+             p.get("last_refresh") or "-", str(p.get("refresh_count", 0)), p["env_var"]] for p in report["profiles"]]
+    header = ["PROFILE", "STATE", "EXPIRES", "LEFT", "LAST REFRESH", "REFRESHES", "ENV VAR"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for p in report["profiles"]:
+        if p.get("problem"):
+            click.echo(f"{p['profile']}: {p['problem']}", err=True)
+
+
+def _left(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds <= 0:
+        return "expired"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@auth.command()
+@click.argument("profile")
+@click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECS",
+              help="How long to wait for a refresh another process is doing (then exit 75).")
+@click.option("--no-broker", is_flag=True, help="Refresh in this process even if a broker is listening.")
+def token(profile: str, timeout: float, no_broker: bool) -> None:
+    """Print a valid access token for PROFILE on stdout (for scripts and credential helpers)."""
+    from .auth.client import access_token
+
+    got = access_token(Dirs.from_env(), profile, timeout=timeout, use_broker=not no_broker)
+    click.echo(got.access_token)
+
+
+@click.command()
+@click.option("--socket", "socket_path", metavar="PATH", type=click.Path(dir_okay=False),
+              help="Listen here (default: <runtime dir>/broker.sock, or the socket systemd passes).")
+@click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECS",
+              help="How long a request waits for a refresh another process is doing.")
+def broker(socket_path: str | None, timeout: float) -> None:
+    """Serve access tokens over a unix socket; refresh tokens never leave this process."""
+    from .auth.broker import run_broker
+
+    logging.basicConfig(level=logging.INFO, format="corral: %(message)s", stream=sys.stderr)
+    run_broker(Dirs.from_env(), path=Path(socket_path) if socket_path else None, timeout=timeout)

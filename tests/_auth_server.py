@@ -1,0 +1,258 @@
+"""A real OAuth 2.0 authorization server for the auth tests: Authlib's RFC 6749 token
+endpoint on werkzeug, on 127.0.0.1 only, run as a process of its own.
+
+Subclassed to behave like the provider in issue 6:
+
+- refresh tokens rotate (every refresh issues a new one);
+- a refresh token is consumed atomically, under one lock, at the moment it is checked:
+  two racing requests can never both spend it;
+- a spent one gets OpenAI's answer: HTTP 401 ``{"message": ..., "type":
+  "invalid_request_error", "code": "refresh_token_reused"}``;
+- every request is counted; ``GET /stats`` shows the counts (and the newest refresh
+  token, so a test can check that the store holds it).
+
+Test-only endpoints: ``POST /mint`` issues a fresh pair (a "sign-in"), ``POST /config``
+sets ``latency`` (seconds the token endpoint takes to answer, after consuming the token)
+and ``lifetime`` (access token lifetime), ``POST /reset`` zeroes the counts.
+
+Run: ``python _auth_server.py`` prints the port on its first line, then serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"  # plain http on loopback, for the test only
+
+from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Request, TokenMixin  # noqa: E402
+from authlib.oauth2.rfc6749 import grants  # noqa: E402
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, OAuth2Error  # noqa: E402
+from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
+from werkzeug.wrappers import Request, Response  # noqa: E402
+
+CLIENT_ID = "corral-test"
+REUSED_BODY = {
+    "message": "Your refresh token has already been used to generate a new access token. "
+               "Please try signing in again.",
+    "type": "invalid_request_error",
+    "code": "refresh_token_reused",
+}
+
+
+class RefreshTokenReused(OAuth2Error):
+    """OpenAI's answer to a spent refresh token, byte for byte what issue 6 quotes."""
+
+    status_code = 401
+    error = "refresh_token_reused"
+
+    def __call__(self, uri: str | None = None) -> tuple[int, dict[str, str], list[tuple[str, str]]]:
+        return 401, dict(REUSED_BODY), self.get_headers()
+
+
+class Client(ClientMixin):
+    def get_client_id(self) -> str:
+        return CLIENT_ID
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        return method == "none"  # a public client, like codex's CLI
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type == "refresh_token"
+
+    def get_allowed_scope(self, scope: str | None) -> str:
+        return scope or "openid offline_access"
+
+
+@dataclass
+class Issued(TokenMixin):
+    access_token: str
+    refresh_token: str
+    scope: str
+    issued_at: float
+    expires_in: int | float
+    spent: bool = False
+
+    def check_client(self, client: Any) -> bool:
+        return client.get_client_id() == CLIENT_ID
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_expires_in(self) -> int | float:
+        return self.expires_in
+
+    def is_expired(self) -> bool:
+        return False  # refresh tokens here live until spent
+
+    def is_revoked(self) -> bool:
+        return self.spent
+
+    def get_user(self) -> str:
+        return "user1"
+
+    def get_client(self) -> Client:
+        return Client()
+
+
+@dataclass
+class State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tokens: dict[str, Issued] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+    latency: float = 0.0
+    lifetime: float = 3600.0
+    newest_refresh_token: str | None = None
+    refresh_times: list[float] = field(default_factory=list)
+    timings: list[tuple[float, float, float]] = field(default_factory=list)  # arrived, processed, answered
+
+    def issue(self, scope: str = "openid offline_access") -> dict[str, Any]:
+        token = Issued("at-" + secrets.token_urlsafe(16), "rt-" + secrets.token_urlsafe(24), scope, time.time(),
+                       self.lifetime)
+        with self.lock:
+            self.tokens[token.refresh_token] = token
+            self.newest_refresh_token = token.refresh_token
+        return {"token_type": "Bearer", "access_token": token.access_token, "refresh_token": token.refresh_token,
+                "expires_in": self.lifetime, "scope": scope}
+
+
+STATE = State()
+
+
+class RotatingRefreshGrant(grants.RefreshTokenGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = ["none"]
+    INCLUDE_NEW_REFRESH_TOKEN = True  # rotate
+
+    def authenticate_refresh_token(self, refresh_token: str) -> Issued:
+        # Check and spend in one step, under the lock: Authlib would otherwise validate here
+        # and revoke later (revoke_old_credential), and two racing requests could both pass.
+        with STATE.lock:
+            token = STATE.tokens.get(refresh_token)
+            if token is None:
+                STATE.counts["unknown"] += 1
+                raise InvalidGrantError()
+            if token.spent:
+                STATE.counts["reused"] += 1
+                raise RefreshTokenReused()
+            token.spent = True
+            return token
+
+    def authenticate_user(self, refresh_token: Issued) -> str:
+        return refresh_token.get_user()
+
+    def revoke_old_credential(self, refresh_token: Issued) -> None:
+        pass  # already spent in authenticate_refresh_token
+
+
+class WerkzeugRequest(OAuth2Request):
+    def __init__(self, request: Request) -> None:
+        super().__init__(request.method, request.url, headers=request.headers)
+        self._request = request
+        self.payload = BasicOAuth2Payload(request.form.to_dict())
+
+    @property
+    def form(self) -> Any:
+        return self._request.form
+
+    @property
+    def args(self) -> Any:
+        return self._request.args
+
+
+class Server(AuthorizationServer):
+    def query_client(self, client_id: str) -> Client | None:
+        return Client() if client_id == CLIENT_ID else None
+
+    def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
+        issued = Issued(token["access_token"], token["refresh_token"], token.get("scope", ""), time.time(),
+                        token["expires_in"])
+        with STATE.lock:
+            STATE.tokens[issued.refresh_token] = issued
+            STATE.newest_refresh_token = issued.refresh_token
+            STATE.counts["refreshed"] += 1
+            STATE.refresh_times.append(time.time())
+
+    def create_oauth2_request(self, request: Request) -> OAuth2Request:
+        return WerkzeugRequest(request)
+
+    def handle_response(self, status: int, body: Any, headers: list[tuple[str, str]]) -> Response:
+        return Response(json.dumps(body), status=status, headers=headers)
+
+    def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _generate(grant_type: str, client: Client, user: Any = None, scope: str | None = None,
+              expires_in: int | None = None, include_refresh_token: bool = True) -> dict[str, Any]:
+    token = {"token_type": "Bearer", "access_token": "at-" + secrets.token_urlsafe(16),
+             "expires_in": STATE.lifetime, "scope": scope or "openid offline_access"}
+    if include_refresh_token:
+        token["refresh_token"] = "rt-" + secrets.token_urlsafe(24)
+    return token
+
+
+AUTH = Server()
+AUTH.register_grant(RotatingRefreshGrant)
+AUTH.register_token_generator("default", _generate)
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, mimetype="application/json")
+
+
+@Request.application
+def app(request: Request) -> Response:
+    if request.path == "/token" and request.method == "POST":
+        arrived = time.time()
+        with STATE.lock:
+            STATE.counts["token_requests"] += 1
+        response = AUTH.create_token_response(request)
+        processed = time.time()
+        # The latency comes after the token was spent: a client killed while waiting
+        # for this answer has lost its new token, as with a real provider.
+        if STATE.latency:
+            time.sleep(STATE.latency)
+        with STATE.lock:
+            STATE.timings.append((arrived, processed, time.time()))
+        return response
+    if request.path == "/stats":
+        with STATE.lock:
+            return _json({**STATE.counts, "newest_refresh_token": STATE.newest_refresh_token,
+                          "refresh_times": STATE.refresh_times, "timings": STATE.timings, "latency": STATE.latency,
+                          "lifetime": STATE.lifetime})
+    if request.path == "/mint" and request.method == "POST":
+        with STATE.lock:
+            STATE.counts["minted"] += 1
+        return _json(STATE.issue())
+    if request.path == "/config" and request.method == "POST":
+        conf = request.get_json(force=True)
+        STATE.latency = float(conf.get("latency", STATE.latency))
+        STATE.lifetime = float(conf.get("lifetime", STATE.lifetime))
+        return _json({"latency": STATE.latency, "lifetime": STATE.lifetime})
+    if request.path == "/reset" and request.method == "POST":
+        with STATE.lock:
+            STATE.counts.clear()
+            STATE.refresh_times.clear()
+            STATE.timings.clear()
+        return _json({"ok": True})
+    return _json({"error": "not_found"}, 404)
+
+
+def main() -> None:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    print(server.server_port, flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
