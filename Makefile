@@ -11,7 +11,7 @@ PYTEST      := $(VENV)/bin/pytest -q -p no:cacheprovider
 export PYTHONDONTWRITEBYTECODE := 1
 # What depends on the backend runs in every tier; config, auth and pure tests only on the host.
 BACKEND_TESTS := tests/test_runs.py tests/test_lifecycle.py tests/test_library.py tests/test_session_runs.py \
-                 tests/test_agent_runs.py tests/test_systemd_view.py tests/test_deploy.py
+                 tests/test_agent_runs.py tests/test_auth_run.py tests/test_systemd_view.py tests/test_deploy.py
 
 .PHONY: all deps test test-host test-systemd test-user demo bench clean install install-user uninstall uninstall-user wheels
 

@@ -123,7 +123,11 @@ def _with_auth(c: Ctx, spec: Any, profile: str) -> Any:
         raise NotFound(f"no auth profile {profile!r}", hint="add one with: corral auth add PROFILE ...") from None
     import dataclasses
 
-    return dataclasses.replace(spec, env={**env_for_run(c.corral.dirs, profile), **spec.env})
+    # The token store holds refresh tokens and is readable by the agent's own uid: the run
+    # gets a private mount namespace in which that directory is an empty tmpfs.
+    store = str(c.corral.dirs.state / "auth")
+    return dataclasses.replace(spec, env={**env_for_run(c.corral.dirs, profile), **spec.env},
+                               hidden_paths=(*spec.hidden_paths, store))
 
 
 # --- listing ------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: Cgrou
         )
         try:
             main = fork_held(spec.argv, env=_env(spec, record), cwd=record.cwd, stdio=stdio,
-                             join=lambda: join(payload))
+                             join=lambda: join(payload), hide=spec.hidden_paths)
         except BaseException:
             watchdog.abort()
             raise

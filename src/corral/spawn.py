@@ -57,6 +57,13 @@ class HeldChild:
         if data:
             os.waitpid(self.pid, 0)
             code = int(data.split(b":")[0] or 0)
+            if data.endswith(b":hide"):
+                raise SpawnError(
+                    f"cannot hide the auth token store from the run: {os.strerror(code)}",
+                    errno=code,
+                    hint="this needs a private mount namespace (root, or unprivileged user namespaces: "
+                    "sysctl kernel.unprivileged_userns_clone=1)",
+                )
             raise SpawnError(
                 f"cannot run {self.argv[0]!r}: {os.strerror(code)}",
                 errno=code,
@@ -88,6 +95,7 @@ def _child(
     gate_r: int,
     err_w: int,
     new_session: bool,
+    hide: Sequence[str] = (),
 ) -> None:
     """Runs in the forked child; never returns."""
     try:
@@ -98,6 +106,14 @@ def _child(
             os._exit(125)
         if join is not None:
             join()  # into its leaf cgroup, after the parent placed it in the unit
+        if hide:
+            from ._mountns import hide_paths
+
+            try:
+                hide_paths(hide)
+            except OSError as err:
+                os.write(err_w, f"{err.errno}:hide".encode())
+                os._exit(126)
         for target, fd in enumerate(stdio):
             if fd != target:
                 os.dup2(fd, target)
@@ -127,6 +143,7 @@ def fork_held(
     stdio: tuple[int, int, int] = (0, 1, 2),
     join: Callable[[], None] | None = None,
     new_session: bool = False,
+    hide: Sequence[str] = (),
 ) -> HeldChild:
     """Fork a child that waits for ``release()``, runs *join* (if any), then execs."""
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
@@ -135,7 +152,7 @@ def fork_held(
     if pid == 0:
         os.close(gate_w)
         os.close(err_r)
-        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session)
+        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session, hide)
     os.close(gate_r)
     os.close(err_w)
     return HeldChild(pid=pid, argv=argv, _gate_w=gate_w, _err_r=err_r)

@@ -52,6 +52,7 @@ class RunSpec:
     max_runs: int | None = None  # the agent's concurrency cap (from its config)
     wait_for_slot: bool = True  # at the cap: wait (True) or fail with exit 75 (False)
     budget: Limits | None = None  # [corral] limits for corral.slice (all agents together)
+    hidden_paths: tuple[str, ...] = ()  # directories the run must not see (the auth store)
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
     keep_leftovers: bool = False  # let processes main left behind end on their own
 
