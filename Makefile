@@ -49,7 +49,7 @@ test-user: deps
 	$(PY) tests/nspawn.py --user -- env CORRAL_TEST_BACKENDS=systemd $(PYTEST) $(BACKEND_TESTS)
 
 demo: deps
-	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/demo.sh
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VPY) tests/demo.py
 
 bench: deps
 	@echo "# corral benchmarks ($$(date -u +%Y-%m-%d), $$(nproc) cores)" > bench/RESULTS.md; echo >> bench/RESULTS.md
