@@ -29,6 +29,20 @@ from corral.cgroup import CgroupDir  # noqa: E402
 CORRAL = [sys.executable, "-m", "corral.cli"]
 
 
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def median_ms(fn: Callable[[], object], n: int) -> float:
     times = []
     for _ in range(n):
@@ -136,14 +150,20 @@ class Bench:
         raw_ms = (time.perf_counter() - t0) * 1000
         run2.kill()
         self.row(f"kill a {n}-process run (half double-forked)", corral_ms, "raw cgroup.kill + populated 0", raw_ms)
-        # psutil tree kill: children of main only; double-forked ones escape it
-        run3 = self.corral.run(RunSpec(agent="benchkill", argv=("sh", "-c", script)), detach=True)
-        payload3 = run3.cgroup.payload
-        self._wait_pids(payload3, n)
+        # psutil tree kill of the same tree started outside corral (nothing else reacts to
+        # main's death): children of main only; the double-forked half has left the tree.
         import psutil
 
+        proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+        sid = proc.pid
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            tree = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == sid]
+            if len(tree) >= n:
+                break
+            time.sleep(0.05)
         t0 = time.perf_counter()
-        main = psutil.Process(run3.record.main_pid or self.corral.view(run3.id).record.main_pid)
+        main = psutil.Process(sid)
         procs = [main, *main.children(recursive=True)]
         for p in procs:
             try:
@@ -152,9 +172,13 @@ class Bench:
                 pass
         psutil.wait_procs(procs, timeout=10)
         ps_ms = (time.perf_counter() - t0) * 1000
-        survivors = len(payload3.pids())
-        run3.kill()
-        self.row(f"  ... psutil tree kill ({survivors} survivors)", ps_ms, "corral kill (0 survivors)", corral_ms)
+        survivors = [p.pid for p in psutil.process_iter(["pid"]) if _sid(p.pid) == sid and _alive(p.pid)]
+        for pid in survivors:  # ours, by pid: the double-forked sleepers psutil could not see
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.row(f"  ... psutil tree kill ({len(survivors)} survivors)", ps_ms, "corral kill (0 survivors)", corral_ms)
 
     @staticmethod
     def _wait_pids(cg: CgroupDir, n: int) -> None:
@@ -184,6 +208,75 @@ class Bench:
             for r in runs:
                 if r.cgroup.exists():
                     r.cgroup.kill()
+
+    def agents_add(self, n: int = 64) -> None:
+        """n parallel `corral agents add` vs the seed failure: n unlocked read-modify-writes
+        (tomlkit's TOMLFile read + write, as the field did it), counting entries lost."""
+        cfg = self.tmp / "config" / "corral" / "config.toml"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text("# bench\n")
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([*CORRAL, "agents", "add", f"lane{i}"], env=self.env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for i in range(n)]
+        times = []
+        for p in procs:
+            p.wait()
+            times.append((time.perf_counter() - t0) * 1000)
+        import tomllib
+
+        kept = len(tomllib.loads(cfg.read_text()).get("agents", {}))
+        naive = self.tmp / "naive.toml"
+        naive.write_text("# bench\n")
+        script = ("import sys, tomlkit; from tomlkit.toml_file import TOMLFile; f = TOMLFile(sys.argv[1]); "
+                  "d = f.read(); d.setdefault('agents', tomlkit.table(is_super_table=True))[sys.argv[2]] = "
+                  "tomlkit.table(); f.write(d)")
+        naive_procs = [subprocess.Popen([sys.executable, "-c", script, str(naive), f"lane{i}"],
+                                        stderr=subprocess.DEVNULL) for i in range(n)]
+        for p in naive_procs:
+            p.wait()
+        try:
+            naive_kept = len(tomllib.loads(naive.read_text()).get("agents", {}))
+        except tomllib.TOMLDecodeError:
+            naive_kept = 0
+        times.sort()
+        self.row(f"{n} parallel agents add: p50 (lost {n - kept})", times[len(times) // 2],
+                 f"p99 {times[int(len(times) * 0.99) - 1]:.0f} ms; naive RMW lost", n - naive_kept, unit="ms")
+
+    def token_at_expiry(self, n: int = 64) -> None:
+        """n processes want a token at expiry: refreshes reaching the server, and the naive
+        anchor (each refreshes with its copy of the credential) counting rejections."""
+        sys.path.insert(0, str(REPO / "tests"))
+        from _auth_util import OAuthServer
+
+        server = OAuthServer()
+        try:
+            server.configure(latency=0.05)
+            env = {k: v for k, v in self.env.items() if "proxy" not in k.lower()}
+            subprocess.run([*CORRAL, "auth", "add", "bench", "--token-url", server.token_url, "--client-id",
+                            "corral-test"], env=env, check=True, capture_output=True)
+            pair = server.mint()
+            subprocess.run([*CORRAL, "auth", "login", "bench", "--refresh-token-stdin"], env=env, check=True,
+                           capture_output=True, input=(pair["refresh_token"] + "\n").encode())
+            before = server.stats().get("refreshed", 0)
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen([*CORRAL, "auth", "token", "bench"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL) for _ in range(n)]
+            times, tokens, errors = [], set(), 0
+            for p in procs:
+                out, _ = p.communicate()
+                times.append((time.perf_counter() - t0) * 1000)
+                errors += p.returncode != 0
+                tokens.add(out.strip())
+            refreshes = server.stats().get("refreshed", 0) - before
+            # naive: n holders of one copy each refresh it themselves
+            shared = server.mint()["refresh_token"]
+            rejected = sum(server.refresh_directly(shared)[0] != 200 for _ in range(n))
+            times.sort()
+            self.row(f"{n} want a token at expiry: refreshes {refreshes}, errors {errors}, tokens {len(tokens)}",
+                     times[int(len(times) * 0.99) - 1], f"naive copies: {rejected} of {n} rejected", rejected,
+                     unit="ms")
+        finally:
+            server.stop()
 
     def overhead(self) -> None:
         run = self.corral.run(RunSpec(agent="benchmem", argv=("sleep", "1000")), detach=True)
@@ -240,7 +333,12 @@ def main() -> int:
         b.launch_library()
         b.kill_big_run()
         b.ps_many(50 if args.quick else 200)
+        if not args.quick:
+            b.ps_many(500)
         b.overhead()
+        if args.backend == "cgroupfs":  # backend-independent rows: once
+            b.agents_add()
+            b.token_at_expiry()
     finally:
         b.cleanup()
     print(b.table())  # stdout carries the table only: the Makefile appends it to RESULTS.md

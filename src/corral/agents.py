@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from . import worktree as _wt
 from .config import AgentConfig, add_agent, get_agent, normalize_changes, open_store, remove_agent
 from .errors import NoBackend, NotFound, UsageError
 from .names import validate_agent
 from .paths import Dirs
-from .spec import Limits, RunSpec
 
 log = logging.getLogger("corral")
 
@@ -125,35 +124,3 @@ def delete_agent(dirs: Dirs, name: str, *, force: bool = False, backend: str | N
     status = _wt.remove(wt, state_dir=dirs.state, force=force) if wt is not None else None
     remove_agent(store, name)
     return Removal(name, found=True, stopped=stopped, worktree=status)
-
-
-def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | None = None,
-                env: Mapping[str, str] | None = None, limits: Limits | None = None, auth: str | None = None,
-                **spec_fields: Any) -> tuple[RunSpec, str | None]:
-    """What ``corral run AGENT`` runs: the agent's config (if it has an entry; any valid
-    name may be used ad hoc), then ``[corral.defaults]``, then the caller's flags on top.
-
-    Returns the spec and the auth profile to use (resolved by the caller, which knows
-    whether a broker is up)."""
-    from .config import load_effective_agent, load_settings
-
-    validate_agent(agent)
-    conf = load_effective_agent(dirs, agent)
-    budget = load_settings(dirs).budget
-    if budget.requested():
-        spec_fields["budget"] = budget
-    flags = limits or Limits()
-    if conf is None:
-        if not argv:
-            raise UsageError(f"no command given, and {agent!r} is not a configured agent with a default command",
-                             hint="put the command after --, e.g. corral run lane1 -- make test")
-        return RunSpec(agent=agent, argv=tuple(argv), cwd=cwd, env=dict(env or {}), limits=flags, **spec_fields), auth
-    command = tuple(argv) or conf.command
-    if not command:
-        raise UsageError(f"no command given, and agent {agent!r} has no default command",
-                         hint=f"give one after --, or set it: corral agents set {agent} command=\"...\"")
-    merged = Limits(**{k: getattr(flags, k) if getattr(flags, k) is not None else getattr(conf.limits, k)
-                       for k in ("memory_max", "memory_high", "cpu_quota", "tasks_max")})
-    spec = RunSpec(agent=agent, argv=command, cwd=cwd or conf.workspace, env={**conf.env, **(env or {})},
-                   limits=merged, max_runs=conf.max_runs, **spec_fields)
-    return spec, auth or conf.auth

@@ -86,7 +86,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
 
     A configured agent (corral agents add) gives the workspace, env, limits, auth and
     default command; flags override them. Any valid name may also be used ad hoc."""
-    from .agents import resolve_run
+    from .runconf import resolve_run
     from .names import validate_agent
     from .spec import Limits
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import click
+from typing import TYPE_CHECKING
 
 from .paths import Dirs
-from .sessions import SessionInfo, list_sessions
+
+if TYPE_CHECKING:
+    from .sessions import SessionInfo
 
 
 @click.group()
@@ -15,7 +18,7 @@ def sessions() -> None:
     """Session leases (corral run --session KEY)."""
 
 
-def _row(s: SessionInfo) -> list[str]:
+def _row(s: "SessionInfo") -> list[str]:
     h = s.holder
     run = pid = when = "-"
     if h is not None:
@@ -34,6 +37,8 @@ def _row(s: SessionInfo) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def list_(agent: str | None, as_json: bool) -> None:
     """Every session: held (with its holder run), draining (and why), free (last holder)."""
+    from .sessions import list_sessions  # lazily: corral's other commands do not need it
+
     found = list_sessions(Dirs.from_env(), agent=agent)
     if as_json:
         click.echo(json.dumps([s.to_json() for s in found], indent=2))
