@@ -63,11 +63,15 @@ class Bench:
         self.corral = Corral(backend, dirs=self.dirs)
         self.rows: list[tuple[str, str, float, str, float]] = []
 
-    def row(self, what: str, value: float, anchor_name: str, anchor: float, unit: str = "ms") -> None:
-        self.rows.append((what, f"{value:.2f} {unit}", value, f"{anchor_name}: {anchor:.2f} {unit}", anchor))
+    def row(self, what: str, value: float, anchor_name: str, anchor: float, unit: str = "ms",
+            anchor_unit: str | None = None) -> None:
+        """One line: corral's number, its anchor's, and their ratio (none where the anchor
+        is a count of another kind, e.g. entries lost)."""
+        aunit = unit if anchor_unit is None else anchor_unit
+        anchor_text = f"{anchor_name}: {anchor:.2f} {aunit}".rstrip() if aunit else f"{anchor_name}: {anchor:g}"
+        self.rows.append((what, f"{value:.2f} {unit}", value, anchor_text, anchor if aunit == unit else 0.0))
         ratio = value / anchor if anchor else float("nan")
-        print(f"  {what:<44} {value:9.2f} {unit}   vs {anchor_name:<34} {anchor:9.2f} {unit}   x{ratio:.2f}",
-              file=sys.stderr, flush=True)
+        print(f"  {what:<44} {value:9.2f} {unit}   vs {anchor_text}   x{ratio:.2f}", file=sys.stderr, flush=True)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([*CORRAL, *args], env=self.env, capture_output=True, text=True, check=True)
@@ -240,7 +244,8 @@ class Bench:
             naive_kept = 0
         times.sort()
         self.row(f"{n} parallel agents add: p50 (lost {n - kept})", times[len(times) // 2],
-                 f"p99 {times[int(len(times) * 0.99) - 1]:.0f} ms; naive RMW lost", n - naive_kept, unit="ms")
+                 f"p99 {times[int(len(times) * 0.99) - 1]:.0f} ms; naive unlocked RMW, entries lost", n - naive_kept,
+                 anchor_unit="")
 
     def token_at_expiry(self, n: int = 64) -> None:
         """n processes want a token at expiry: refreshes reaching the server, and the naive
@@ -273,8 +278,8 @@ class Bench:
             rejected = sum(server.refresh_directly(shared)[0] != 200 for _ in range(n))
             times.sort()
             self.row(f"{n} want a token at expiry: refreshes {refreshes}, errors {errors}, tokens {len(tokens)}",
-                     times[int(len(times) * 0.99) - 1], f"naive copies: {rejected} of {n} rejected", rejected,
-                     unit="ms")
+                     times[int(len(times) * 0.99) - 1], f"p99 wait; naive copies, of {n} rejected", rejected,
+                     anchor_unit="")
         finally:
             server.stop()
 
@@ -316,8 +321,8 @@ class Bench:
         lines = [f"### backend: {self.backend} ({who}), medians of {self.n}", "",
                  "| measurement | corral | anchor | ratio |", "|---|---|---|---|"]
         for what, value, _v, anchor, a in self.rows:
-            ratio = _v / a if a else float("nan")
-            lines.append(f"| {what.strip(' .')} | {value} | {anchor} | {ratio:.2f} |")
+            ratio = f"{_v / a:.2f}" if a else "-"
+            lines.append(f"| {what.strip(' .')} | {value} | {anchor} | {ratio} |")
         return "\n".join(lines) + "\n"
 
 
