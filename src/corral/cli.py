@@ -217,6 +217,21 @@ def _inspect_hints(record: Any) -> list[str]:
 # --- ending -------------------------------------------------------------------------------
 
 
+def _still_live(c: Ctx, records: list[Any]) -> list[Any]:
+    """Drop (and say so) runs that have ended and have nothing left in their cgroup."""
+    from .cgroup import CgroupDir
+    from .records import END_STATES
+
+    live = []
+    for r in records:
+        view = c.corral.view(r.id) if not r.adopted else None
+        if view is not None and view.state in END_STATES and not CgroupDir(r.cgroup).events().populated:
+            click.echo(f"{r.id}: already ended ({view.state}), nothing to do")
+        else:
+            live.append(r)
+    return live
+
+
 def _report_end(c: Ctx, records: list[Any], verb: str, survivors_of: dict[str, list[int]]) -> None:
     bad = {rid: s for rid, s in survivors_of.items() if s}
     for r in records:
@@ -235,7 +250,7 @@ def _report_end(c: Ctx, records: list[Any], verb: str, survivors_of: dict[str, l
 @pass_ctx
 def stop(c: Ctx, target: str | None, all_: bool, grace: float) -> None:
     """SIGTERM every process of TARGET (run id, agent, --all); SIGKILL what remains after --grace."""
-    records = c.corral.targets(target, all_runs=all_)
+    records = _still_live(c, c.corral.targets(target, all_runs=all_))
     _report_end(c, records, "stopped", {r.id: c.corral.stop_run(r.id, grace) for r in records})
 
 
@@ -249,7 +264,7 @@ def kill(c: Ctx, target: str | None, all_: bool, sig: str) -> None:
     from .units import parse_signal
 
     signum = parse_signal(sig)
-    records = c.corral.targets(target, all_runs=all_)
+    records = _still_live(c, c.corral.targets(target, all_runs=all_))
     _report_end(c, records, "killed", c.corral.kill_runs(records, signum))
 
 
