@@ -81,10 +81,13 @@ UNITS       := $(wildcard units/*)
 wheels:
 	$(VENV)/bin/pip wheel -q --disable-pip-version-check -w .wheels . 'setuptools>=68' wheel
 
+USER_ONLY_SED := -e '/^\# >>> system manager only/,/^\# <<< end of system manager only/d'
+
+# $(2): extra sed expression (install-user drops the system-manager-only hardening block)
 define install_units
 	install -d -m 0755 $(1)
 	for u in $(UNITS); do \
-	  sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' $$u > $(1)/$$(basename $$u); \
+	  sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' $(2) $$u > $(1)/$$(basename $$u); \
 	  chmod 0644 $(1)/$$(basename $$u); \
 	done
 endef
@@ -105,7 +108,7 @@ install:
 
 install-user:
 	@[ -x $(BINDIR)/corral ] || { echo "corral: run 'make install PREFIX=$(PREFIX)' first (or set PREFIX)"; exit 1; }
-	$(call install_units,$(USERUNITDIR))
+	$(call install_units,$(USERUNITDIR),$(USER_ONLY_SED))
 	@systemctl --user daemon-reload 2>/dev/null || true
 	@echo "corral user units installed in $(USERUNITDIR)"
 

@@ -22,7 +22,7 @@ PREFIX = "/opt/corral"
 CORRAL = f"{PREFIX}/bin/corral"
 UNITDIR = Path("/etc/systemd/system")
 
-pytestmark = pytest.mark.skipif(
+root_tier = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/run/systemd/system").is_dir() or os.environ.get("CORRAL_TEST_BACKENDS") != "systemd",
     reason="needs root inside the systemd test container",
 )
@@ -49,6 +49,7 @@ def installed():  # type: ignore[no-untyped-def]
     sh("make", "-C", str(REPO), "uninstall", f"PREFIX={PREFIX}")
 
 
+@root_tier
 def test_units_verify(installed: None, tmp_path: Path) -> None:
     units = sorted(UNITDIR.glob("corral*"))
     assert {u.name for u in units} >= {"corral.slice", "corral-gc.service", "corral-gc.timer", "corral-broker.socket",
@@ -61,11 +62,13 @@ def test_units_verify(installed: None, tmp_path: Path) -> None:
         assert f"{PREFIX}/bin/corral" in unit.read_text() or unit.suffix in (".slice", ".socket", ".timer")
 
 
+@root_tier
 def test_installed_cli_runs(installed: None) -> None:
     assert sh(CORRAL, "--version").stdout.startswith("corral")
     assert "chosen: systemd" in sh(CORRAL, "doctor", env=installed_env()).stdout
 
 
+@root_tier
 def test_gc_timer_reaps_a_lost_run(installed: None) -> None:
     sh("systemctl", "enable", "--now", "corral-gc.timer")
     assert sh("systemctl", "is-active", "corral-gc.timer").stdout.strip() == "active"
@@ -104,6 +107,7 @@ def test_gc_timer_reaps_a_lost_run(installed: None) -> None:
         kill_pids(alive(payload + list(helpers.values())))
 
 
+@root_tier
 def test_stopping_corral_slice_ends_every_run(installed: None) -> None:
     env = installed_env()
     agents = ["sa" + uuid.uuid4().hex[:6], "sb" + uuid.uuid4().hex[:6]]
@@ -121,6 +125,7 @@ def test_stopping_corral_slice_ends_every_run(installed: None) -> None:
     assert not json.loads(sh(CORRAL, "ps", "--json", env=env).stdout)
 
 
+@root_tier
 def test_agent_template_runs_the_agent_in_its_slice(installed: None) -> None:
     import json
 
@@ -150,6 +155,7 @@ def test_agent_template_runs_the_agent_in_its_slice(installed: None) -> None:
         sh(CORRAL, "agents", "rm", agent, env=env, check=False)
 
 
+@root_tier
 def test_broker_socket_activation_serves_tokens(installed: None) -> None:
     """The installed broker socket listens; `corral auth token` through it starts the
     broker service, which refreshes against a real OAuth server on 127.0.0.1."""
@@ -180,6 +186,7 @@ def test_broker_socket_activation_serves_tokens(installed: None) -> None:
         sh("systemctl", "stop", "corral-broker.service", "corral-broker.socket", check=False)
 
 
+@root_tier
 def test_uninstall_leaves_nothing(installed: None) -> None:
     sh("make", "-C", str(REPO), "uninstall", f"PREFIX={PREFIX}")
     assert not list(UNITDIR.glob("corral*"))
@@ -188,3 +195,44 @@ def test_uninstall_leaves_nothing(installed: None) -> None:
     # reinstall so the module fixture's own uninstall has something to remove
     wheels = REPO / ".wheels"
     sh("make", "-C", str(REPO), "install", f"PREFIX={PREFIX}", f"PIP_FLAGS=--no-index --find-links={wheels}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0 or not Path("/run/systemd/system").is_dir()
+                    or os.environ.get("CORRAL_TEST_BACKENDS") != "systemd", reason="user-manager tier only")
+def test_user_units_install_and_activate() -> None:
+    """`make install-user`: the same units for `systemctl --user`, with the hardening a user
+    manager cannot apply left out; the broker is socket-activated there too."""
+    import json
+
+    from _auth_util import OAuthServer
+
+    unitdir = Path.home() / ".config" / "systemd" / "user"
+    prefix = str(REPO / ".venv")  # an existing install: the repository's own venv
+    env = installed_env()
+    corral = f"{prefix}/bin/corral"
+    sh("make", "-C", str(REPO), "install-user", f"PREFIX={prefix}", f"USERUNITDIR={unitdir}")
+    server = OAuthServer()
+    try:
+        for unit in sorted(unitdir.glob("corral*")):
+            if "@" not in unit.name:
+                proc = sh("systemd-analyze", "--user", "verify", "--man=no", str(unit), check=False)
+                assert proc.returncode == 0, f"{unit.name}: {proc.stderr}"
+        sh("systemctl", "--user", "enable", "--now", "corral-broker.socket", "corral-gc.timer")
+        sock = Path(os.environ["XDG_RUNTIME_DIR"]) / "corral" / "broker.sock"
+        assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o600
+        profile = "user" + uuid.uuid4().hex[:4]
+        pair = server.mint()
+        sh(corral, "auth", "add", profile, "--token-url", server.token_url, "--client-id", "corral-test", env=env)
+        proc = subprocess.run([corral, "auth", "login", profile, "--refresh-token-stdin"], input=pair["refresh_token"] + "\n",
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert sh(corral, "auth", "token", profile, env=env).stdout.strip()
+        assert sh("systemctl", "--user", "is-active", "corral-broker.service").stdout.strip() == "active"
+        status = json.loads(sh(corral, "auth", "status", profile, "--json", env=env).stdout)
+        assert pair["refresh_token"] not in json.dumps(status)
+    finally:
+        server.stop()
+        sh("systemctl", "--user", "disable", "--now", "corral-broker.socket", "corral-gc.timer", check=False)
+        sh("systemctl", "--user", "stop", "corral-broker.service", check=False)
+        sh("make", "-C", str(REPO), "uninstall-user", f"USERUNITDIR={unitdir}")
+    assert not list(unitdir.glob("corral*"))
