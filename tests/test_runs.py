@@ -319,3 +319,26 @@ def test_gc_reaps_a_run_whose_owner_is_gone(corral: CorralCLI) -> None:
     assert not corral.scopes_of(agent)
     again = corral.json("gc", "--json")
     assert again["reaped"] == []
+
+
+def test_a_process_that_left_the_cgroup_is_reported(corral: CorralCLI, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("moving a process into another cgroup here needs root")
+    agent = corral.agent()
+    elsewhere = corral.slice_dir().parent / f"test-escape-{agent}"
+    elsewhere.mkdir()
+    pidfile = tmp_path / "escapee"
+    try:
+        run_id = corral.detach(agent, "sh", "-c",
+                               f"sh -c 'echo $$ > {elsewhere}/cgroup.procs; echo $$ > {pidfile}; exec sleep 1000' & "
+                               "sleep 1000")
+        corral.wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="escapee")
+        escapee = int(pidfile.read_text())
+        proc = corral("kill", run_id)
+        assert proc.returncode == 1
+        assert f"pid {escapee}" in proc.stderr and "left the run's cgroup" in proc.stderr
+        assert alive([escapee]) == [escapee], "reported, not killed behind the user's back"
+    finally:
+        (elsewhere / "cgroup.kill").write_text("1")
+        corral.wait_for(lambda: "populated 0" in (elsewhere / "cgroup.events").read_text(), what="escapee gone")
+        elsewhere.rmdir()

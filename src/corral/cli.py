@@ -234,12 +234,17 @@ def _still_live(c: Ctx, records: list[Any]) -> list[Any]:
 
 def _report_end(c: Ctx, records: list[Any], verb: str, survivors_of: dict[str, list[int]]) -> None:
     bad = {rid: s for rid, s in survivors_of.items() if s}
+    escaped_any = False
     for r in records:
         if r.id in bad:
             click.echo(f"{r.id}: still alive after {verb}: pids {bad[r.id][:20]}", err=True)
         else:
             click.echo(f"{r.id}: {verb}, 0 processes left")
-    if bad:
+        for p in c.corral.escaped(r):
+            escaped_any = True
+            click.echo(f"{r.id}: pid {p['pid']} ({' '.join(p['argv'])[:60]}) left the run's cgroup for "
+                       f"{p['cgroup']} and is still alive; end it there, e.g. kill {p['pid']}", err=True)
+    if bad or escaped_any:
         sys.exit(1)
 
 

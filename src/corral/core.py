@@ -325,6 +325,13 @@ class Corral:
                 self._after_end(record, ended_by="killed", sig=sig)
         return out
 
+    def escaped(self, record: RunRecord) -> list[dict[str, Any]]:
+        """Processes of the run alive outside its cgroup (they moved into another unit):
+        a kill of the cgroup cannot reach them, so they are reported, never ignored."""
+        from .procs import escaped
+
+        return escaped(record.id, record.cgroup)
+
     def stop_run(self, ref: str, grace: float = 10.0) -> list[int]:
         """SIGTERM every process of the run, SIGKILL what is left after *grace* seconds."""
         record = self.get(ref).record

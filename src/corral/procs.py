@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -26,3 +27,37 @@ def owner_alive(pid: int | None, start: float | None) -> bool:
     if got is None:
         return False
     return start is None or got == start
+
+
+def escaped(run_id: str, cgroup: str, *, proc: Path = Path("/proc")) -> list[dict[str, object]]:
+    """Processes of run *run_id* that are no longer in its cgroup (moved into another unit
+    or cgroup): found by the ``CORRAL_RUN_ID`` every process of the run inherits. A process
+    that cleared its environment cannot be found this way."""
+    from .cgroup import own_cgroup
+
+    needle = f"CORRAL_RUN_ID={run_id}".encode()
+    scope = os.path.basename(cgroup.rstrip("/"))
+    out: list[dict[str, object]] = []
+    try:
+        entries = [e for e in os.listdir(proc) if e.isdigit()]
+    except OSError:
+        return out
+    for entry in entries:
+        try:
+            environ = (proc / entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if needle not in environ.split(b"\0"):
+            continue
+        pid = int(entry)
+        if process_start(pid) is None:
+            continue  # a zombie: dead
+        where = own_cgroup(pid)
+        if scope not in where.split("/"):
+            try:
+                argv = (proc / entry / "cmdline").read_bytes().split(b"\0")[:-1]
+            except OSError:
+                argv = []
+            out.append({"pid": pid, "argv": [a.decode(errors="replace") for a in argv], "cgroup": where})
+    return out
+
