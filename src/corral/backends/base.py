@@ -47,7 +47,7 @@ class Usage:
     pids: int
     memory_bytes: int | None
     cpu_usec: int | None
-    memory_source: str  # "cgroup" | "psutil" | "none"
+    memory_source: str  # "cgroup" (memory.current) | "procfs-rss" (sum of the pids' RSS)
 
 
 @dataclass
@@ -166,8 +166,8 @@ class Backend(ABC):
         memory = cgroup.read_int("memory.current")
         source = "cgroup"
         if memory is None:
-            # memory is not a v2 controller here (hybrid layout): sum RSS with psutil.
-            memory, source = _psutil_rss(pids), "psutil"
+            # memory is not a v2 controller here (hybrid layout): sum the processes' RSS.
+            memory, source = _rss_sum(pids), "procfs-rss"
         return Usage(pids=len(pids), memory_bytes=memory, cpu_usec=cgroup.cpu_usec(), memory_source=source)
 
     def effective_limits(self, cgroup: CgroupDir, limits: Limits, unit_values: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -265,13 +265,15 @@ def _relative_cgroup(path: Path) -> str | None:
         return None
 
 
-def _psutil_rss(pids: list[int]) -> int | None:
-    import psutil
-
+def _rss_sum(pids: list[int]) -> int | None:
+    """Sum of resident memory over *pids* from /proc/PID/statm (what psutil reads, without
+    building a Process object per pid: `ps` does this for every run)."""
+    page = os.sysconf("SC_PAGE_SIZE")
     total = 0
     for pid in pids:
         try:
-            total += psutil.Process(pid).memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile
     return total
