@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 BACKEND_TESTS := tests/test_runs.py tests/test_lifecycle.py tests/test_library.py tests/test_session_runs.py \
                  tests/test_agent_runs.py tests/test_auth_run.py tests/test_systemd_view.py tests/test_deploy.py
 
-.PHONY: all deps test test-host test-systemd test-user demo bench clean install install-user uninstall uninstall-user wheels
+.PHONY: all deps test test-host test-stress-quick test-systemd test-user demo bench stress clean install install-user uninstall uninstall-user wheels
 
 all: test
 
@@ -34,11 +34,15 @@ $(VENV)/.installed: pyproject.toml
 
 deps: $(VENV)/.installed
 
-test: deps test-host test-systemd test-user
+test: deps test-host test-stress-quick test-systemd test-user
 
 test-host: deps
 	@echo "== tier 1: cgroupfs backend on this host's cgroup v2 =="
 	CORRAL_TEST_BACKENDS=cgroupfs $(PYTEST) tests
+
+test-stress-quick: deps
+	@echo "== fault-injection smoke run (make stress --quick) =="
+	$(VPY) bench/stress.py --quick
 
 test-systemd: deps wheels
 	@echo "== tier 2: systemd backend, system manager (root) in a throwaway container =="
@@ -57,6 +61,11 @@ bench: deps
 	$(PY) tests/nspawn.py -- $(VPY) bench/bench.py --backend systemd >> bench/RESULTS.md
 	$(PY) tests/nspawn.py --user -- $(VPY) bench/bench.py --backend systemd >> bench/RESULTS.md
 	@cat bench/RESULTS.md
+
+# Fault injection and load (bench/stress.py): SIGKILLed owners, writers and refreshers, fuzzed
+# names and values, 500 runs. Long; run by hand. `$(VPY) bench/stress.py --quick` is the CI smoke run.
+stress: deps
+	$(VPY) bench/stress.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

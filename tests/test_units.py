@@ -76,3 +76,17 @@ def test_record_store_atomic_and_prefix(tmp_path: Path) -> None:
         store.resolve("ffff")
     with pytest.raises(LookupError):
         store.resolve("../etc")
+
+
+@pytest.mark.parametrize("bad", ["nan", "NaN%", "inf", "-inf"])
+def test_non_finite_numbers_are_invalid(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_percent(bad)
+    with pytest.raises(UsageError):
+        parse_duration(bad.rstrip("%"))
+
+
+def test_durations_are_bounded() -> None:
+    assert parse_duration("30d") == 30 * 86400  # longer than poll(2) can wait in one call
+    with pytest.raises(UsageError):
+        parse_duration("400d")

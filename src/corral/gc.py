@@ -33,19 +33,22 @@ class GcReport:
 
 
 def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
+    """Is someone still guarding this run? Its recorded owner, if we have a record with
+    one. Otherwise (a run of another state dir, or one still starting) corral's processes
+    in ``supervisor/``: a running watchdog means an owner holds its pipe (it kills the run
+    itself the moment that owner dies), a detached owner lives there too. Only a stopped
+    (SIGSTOP/traced) one cannot act."""
     from .procs import owner_alive
 
     record = corral.store.load(run_id)
     if record is not None and record.owner_pid:
         return owner_alive(record.owner_pid, record.owner_start)
-    # No record (a crash before it was written): a detached owner is a python process in
-    # supervisor/; a watchdog alone means an attached owner that is gone.
     for pid in scope.supervisor.pids():
         try:
-            exe = os.readlink(f"/proc/{pid}/exe")
+            stat = open(f"/proc/{pid}/stat", "rb").read()
         except OSError:
             continue
-        if "python" in os.path.basename(exe):
+        if stat[stat.rindex(b")") + 2:].split()[0] not in (b"T", b"t", b"Z", b"X"):
             return True
     return False
 

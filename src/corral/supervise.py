@@ -146,7 +146,8 @@ class Owner:
             while status is None:
                 now = time.monotonic()
                 deadlines = [d for d in (timeout_at, grace_at) if d is not None]
-                wait_ms = max(0.0, min(deadlines) - now) * 1000 if deadlines else None
+                # poll(2) takes at most 2^31-1 ms: wake at least hourly on a long deadline
+                wait_ms = min(max(0.0, min(deadlines) - now), 3600.0) * 1000 if deadlines else None
                 events = dict(poller.poll(wait_ms))
                 now = time.monotonic()
                 if main_fd in events:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 import signal as _signal
 
 from .errors import UsageError
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+MAX_DURATION = 366 * 86400.0  # a year: longer is a typo, not a deadline
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -34,8 +36,10 @@ def parse_duration(text: str | float | int) -> float:
         if not m:
             raise UsageError(f"invalid duration {text!r}", hint="use e.g. 90s, 30m, 2h")
         value = float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
-    if value <= 0:
-        raise UsageError(f"invalid duration {text!r}: must be greater than 0")
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"invalid duration {text!r}: must be a finite number greater than 0")
+    if value > MAX_DURATION:
+        raise UsageError(f"invalid duration {text!r}: the longest is {MAX_DURATION / 86400:.0f} days")
     return value
 
 
@@ -46,7 +50,7 @@ def parse_percent(text: str | float | int) -> float:
         value = float(raw)
     except ValueError:
         raise UsageError(f"invalid CPU quota {text!r}", hint="use a percentage of one CPU, e.g. 50% or 200%") from None
-    if value <= 0 or value > 100_000:
+    if not math.isfinite(value) or value <= 0 or value > 100_000:
         raise UsageError(f"invalid CPU quota {text!r}: must be between 0% and 100000%")
     return value
 

@@ -1,0 +1,1149 @@
+"""corral's fault-injection and load suite (`make stress`): longer than `make test`, run by hand.
+
+    python bench/stress.py [--quick] [--only NAME[,NAME...]] [--seed N]
+
+Scenarios (cgroupfs backend on this host's cgroup v2 mount):
+
+  owner   SIGKILL attached `corral run` owners (and detached runs' owner processes) whose
+          command left setsid, double-forked and nohup'd children: all must be gone in 2 s
+  crash   SIGKILL `corral run` (attached and detached) at random points of its start;
+          `ps --all` must agree with the cgroups, `gc` must leave no ownerless populated scope
+  config  SIGKILL `corral agents add` writers at random moments while others write: the
+          file parses, no acknowledged agent is lost, no temp file is left
+  token   8 concurrent `corral auth token` at expiry, one SIGKILLed at a random moment:
+          the store parses, the next call succeeds or says "sign in again" (exit 77)
+  fuzz    hypothesis-generated agent names and limit/env/timeout values through the CLI
+          and the library: valid -> exit 0, invalid -> exit 2 and nothing created
+  load    500 detached runs: `ps` sees them all, `kill --all` ends them all
+
+Everything runs in private XDG dirs under one temp dir and in a private cgroup subtree
+(``CORRAL_CGROUP_ROOT``): `corral ps`, `gc` and `kill --all` look at every corral scope
+under their root, and must not see (or reap) other people's runs on this machine. Every
+process started here carries ``STRESS_TAG=<tag>`` in its environment; cleanup kills what
+is left by cgroup (our subtree's ``cgroup.kill``) and by pid (tagged processes only).
+
+"faults injected" counts SIGKILLs that hit a live process (a process that had already
+exited is not counted); for the fuzz rows, the invalid inputs tried; the load row injects
+none. "lost" is work or data that vanished or escaped: processes alive after corral said
+they were gone, acknowledged agents missing from the config, a credential the store holds
+that the provider has already rotated without the store knowing, started runs `ps` does
+not list. Kill moments are random; the config and token rows also aim some kills at the
+process inside the critical section (holding the lock), found via /proc/locks.
+
+Progress goes to stderr; the summary table to stdout. Exit status 1 if any scenario has a
+failure or lost something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))  # _auth_util: the real OAuth server of the auth tests
+
+from corral.cgroup import find_cgroup2_mount  # noqa: E402
+from corral.paths import Dirs  # noqa: E402
+
+CORRAL = [sys.executable, "-m", "corral.cli"]
+LIVE_STATES = ("starting", "running", "paused", "draining")
+SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load")
+
+# Every process it starts writes its own pid to $M: setsid, double-forked, nohup'd, and main.
+_SELF = 'echo $$ >> "$M"; exec sleep 1000'
+SPAWNER = (f"setsid sh -c '{_SELF}' & (sh -c '{_SELF}' &); nohup sh -c '{_SELF}' >/dev/null 2>&1 & "
+           'echo $$ >> "$M"; exec sleep 1003')
+SPAWNER_PIDS = 4
+CRASHER = 'echo $$ >> "$M"; sleep 1000 & echo $! >> "$M"; exec sleep 1001'
+
+
+def progress(msg: str) -> None:
+    print(f"[stress {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def _state(pid: int) -> str | None:
+    """The /proc state letter of *pid*, None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2:][:1].decode()
+
+
+def _environ_has(pid: int, entry: bytes) -> bool:
+    try:
+        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def alive_with(pids: list[int], entry: bytes) -> list[int]:
+    """Those of *pids* that run (zombies are dead) and carry *entry* in their environment:
+    pids are reused quickly here (pid_max may be 32768), so a bare pid proves nothing."""
+    return [p for p in pids if _state(p) not in (None, "Z", "X") and _environ_has(p, entry)]
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def lock_holders(lock: Path, *, exclusive: bool = False) -> set[int]:
+    """Pids holding a flock on *lock* (from /proc/locks); only exclusive ones if asked."""
+    try:
+        ino = os.stat(lock).st_ino
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return set()
+    out = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if "->" in parts:  # a waiter, not a holder
+            continue
+        try:
+            if parts[1] == "FLOCK" and int(parts[5].rsplit(":", 1)[1]) == ino and \
+                    (not exclusive or parts[3] == "WRITE"):
+                out.add(int(parts[4]))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def kill_one(procs: list[subprocess.Popen], rng: random.Random, *, lock: Path, holder_mode: bool,
+             span: float, hold: float) -> tuple[int | None, bool]:
+    """SIGKILL one of *procs* (all just started) at a random moment. Random mode: a random
+    one, uniform(0, *span*) seconds after the start. Holder mode: once one of them holds
+    *lock* exclusively, uniform(0, *hold*) seconds later, that one (the process inside the
+    critical section; the others are waiting for it). Returns (index or None, was the
+    victim holding the lock when it was killed)."""
+    t0 = time.monotonic()
+    if not holder_mode:
+        victim = rng.randrange(len(procs))
+        sleep_until(t0 + rng.uniform(0, span))
+    else:
+        by_pid = {p.pid: i for i, p in enumerate(procs)}
+        victim = None
+        while victim is None and time.monotonic() - t0 < max(5.0, 3 * span):
+            got = [by_pid[pid] for pid in lock_holders(lock, exclusive=True) if pid in by_pid]
+            if got:
+                victim = got[0]
+            elif all(p.poll() is not None for p in procs):
+                return None, False
+            else:
+                time.sleep(0.0005)
+        if victim is None:
+            return None, False
+        sleep_until(time.monotonic() + rng.uniform(0, hold))
+    proc = procs[victim]
+    holding = proc.poll() is None and proc.pid in lock_holders(lock)
+    sigkill(proc)
+    return victim, holding
+
+
+def observe(procs: list[subprocess.Popen], lock: Path) -> tuple[list[float], list[float]]:
+    """Watch *procs* (just started) to their end: when each ended, and how long each held
+    *lock* exclusively (seconds, per holder seen)."""
+    t0 = time.monotonic()
+    ends = [0.0] * len(procs)
+    held: dict[int, list[float]] = {}
+    while not all(ends):
+        now = time.monotonic() - t0
+        for pid in lock_holders(lock, exclusive=True):
+            held.setdefault(pid, [now, now])[1] = now
+        for i, p in enumerate(procs):
+            if not ends[i] and p.poll() is not None:
+                ends[i] = now or 1e-9
+        time.sleep(0.0005)
+    return ends, [b - a for a, b in held.values()]
+
+
+def read_pids(marker: Path) -> list[int]:
+    try:
+        return [int(x) for x in marker.read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def wait_pids(marker: Path, n: int, timeout: float, proc: subprocess.Popen | None = None) -> list[int] | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = read_pids(marker)
+        if len(pids) >= n:
+            return pids
+        if proc is not None and proc.poll() is not None:
+            return None
+        time.sleep(0.005)
+    return None
+
+
+def gone_within(pids: list[int], entry: bytes, seconds: float) -> tuple[float | None, list[int]]:
+    """(seconds until every pid was dead, or None) and the pids still alive at the deadline."""
+    t0 = time.monotonic()
+    while True:
+        left = alive_with(pids, entry)
+        if not left:
+            return time.monotonic() - t0, []
+        if time.monotonic() - t0 > seconds:
+            return None, left
+        time.sleep(0.001)
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    """SIGKILL our child if it has not ended; it stays unreaped until wait(), so the pid
+    cannot have been reused. Whether it landed shows as returncode -9."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def sleep_until(t: float) -> None:
+    while True:
+        left = t - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.002) if left < 0.004 else left - 0.002)
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    trials: int = 0
+    faults: int = 0
+    failures: int = 0
+    lost: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def fail(self, what: str, *, count: int = 1) -> None:
+        self.failures += count
+        if len(self.problems) < 12:
+            self.problems.append(what)
+        progress(f"  FAILURE ({self.name}): {what}")
+
+    def lose(self, what: str, *, count: int = 1) -> None:
+        self.lost += count
+        if len(self.problems) < 12:
+            self.problems.append(f"LOST: {what}")
+        progress(f"  LOST ({self.name}): {what}")
+
+
+def tail(text: str, n: int = 300) -> str:
+    text = " | ".join(line.strip() for line in text.strip().splitlines()[-3:])
+    return text[-n:]
+
+
+# --- the harness --------------------------------------------------------------------------
+
+
+class Harness:
+    def __init__(self, seed: int, quick: bool) -> None:
+        self.seed = seed
+        self.quick = quick
+        self.tag = os.urandom(4).hex()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"corral-stress-{self.tag}-"))
+        mount = find_cgroup2_mount()
+        if mount is None:
+            raise SystemExit("stress: no cgroup2 mount found")
+        self.cg_root = mount / f"corral-stress-{self.tag}"
+        self.cg_root.mkdir()
+        self.tag_entry = f"STRESS_TAG={self.tag}".encode()
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("CORRAL_")}
+        env.update(CORRAL_BACKEND="cgroupfs", CORRAL_CGROUP_ROOT=str(self.cg_root), PYTHONDONTWRITEBYTECODE="1",
+                   STRESS_TAG=self.tag)
+        self.base_env = env
+        self._n = 0
+
+    def rng(self, scenario: str) -> random.Random:
+        return random.Random(f"{self.seed}:{scenario}")
+
+    def env(self, scenario: str) -> dict[str, str]:
+        """Private config/state/runtime dirs for one scenario."""
+        env = dict(self.base_env)
+        for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_STATE_HOME", "state"), ("XDG_RUNTIME_DIR", "run")):
+            path = self.tmp / scenario / sub
+            path.mkdir(parents=True, exist_ok=True)
+            env[var] = str(path)
+        return env
+
+    @staticmethod
+    def dirs(env: dict[str, str]) -> Dirs:
+        return Dirs.from_env(env)
+
+    def agent(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}{self.tag}n{self._n}"
+
+    def cli(self, env: dict[str, str], *args: str, timeout: float = 120, input: str | None = None
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run([*CORRAL, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL)
+
+    def popen(self, env: dict[str, str], *args: str, capture: bool = False) -> subprocess.Popen:
+        out = subprocess.PIPE if capture else subprocess.DEVNULL
+        return subprocess.Popen([*CORRAL, *args], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                text=True)
+
+    def json(self, env: dict[str, str], *args: str) -> Any:
+        proc = self.cli(env, *args)
+        if proc.returncode != 0:
+            raise RuntimeError(f"corral {' '.join(args)} -> {proc.returncode}: {tail(proc.stderr)}")
+        return json.loads(proc.stdout)
+
+    # --- cgroups ---------------------------------------------------------------------
+
+    @property
+    def slice_dir(self) -> Path:
+        return self.cg_root / "corral.slice"
+
+    def scopes(self, agent: str) -> dict[str, Path]:
+        d = self.slice_dir / f"corral-{agent}.slice"
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return {}
+        out = {}
+        for name in names:
+            m = re.fullmatch(rf"corral-{re.escape(agent)}-([0-9a-f]{{8}})\.scope", name)
+            if m:
+                out[m.group(1)] = d / name
+        return out
+
+    @staticmethod
+    def populated(path: Path) -> bool:
+        try:
+            return "populated 1" in (path / "cgroup.events").read_text()
+        except OSError:
+            return False
+
+    def populated_scopes(self, agent: str) -> dict[str, Path]:
+        return {rid: p for rid, p in self.scopes(agent).items() if self.populated(p)}
+
+    def tree(self) -> set[str]:
+        """Every directory under our cgroup root (relative), to prove nothing was created."""
+        out = set()
+        for dirpath, dirnames, _ in os.walk(self.cg_root):
+            for d in dirnames:
+                out.add(os.path.relpath(os.path.join(dirpath, d), self.cg_root))
+        return out
+
+    def tagged(self) -> list[int]:
+        me = os.getpid()
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != me:
+                pid = int(entry)
+                if _environ_has(pid, self.tag_entry) and _state(pid) not in (None, "Z", "X"):
+                    out.append(pid)
+        return out
+
+    def kill_tree(self) -> None:
+        """Kill everything in our cgroup subtree at once and wait until it is empty."""
+        try:
+            (self.cg_root / "cgroup.kill").write_text("1")
+        except OSError:
+            return
+        deadline = time.monotonic() + 10
+        while self.populated(self.cg_root) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def remove_tree(self) -> None:
+        for dirpath, _dirnames, _ in sorted(os.walk(self.cg_root, topdown=False), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+
+    def cleanup(self) -> str:
+        self.kill_tree()
+        strays = self.tagged()
+        kill_pids(strays)
+        self.remove_tree()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        left = "left in place: " + str(self.cg_root) if self.cg_root.exists() else "nothing left"
+        return (f"cleanup: {len(strays)} tagged process(es) outside our cgroup subtree killed by pid (corral CLIs still "
+                f"running, or escapees); {left}")
+
+
+# --- 1. owner SIGKILL -----------------------------------------------------------------------
+
+
+def scenario_owner(h: Harness, scale: float) -> list[Result]:
+    rng = h.rng("owner")
+    env = h.env("owner")
+    att, det = Result("1a owner SIGKILL: attached `corral run`"), Result("1b owner SIGKILL: detached run's owner")
+    n_att, n_det = max(1, round(100 * scale)), max(3, round(25 * scale))
+    markers = h.tmp / "owner" / "markers"
+    markers.mkdir()
+    a_agent, d_agent = h.agent("oa"), h.agent("od")
+    teardown: list[float] = []
+
+    def check_gone(res: Result, trial: int, pids: list[int], entry: bytes) -> None:
+        took, left = gone_within(pids, entry, 2.0)
+        if took is None:
+            res.fail(f"trial {trial}: pids {left} of {pids} still alive 2 s after the owner's SIGKILL")
+            kill_pids(left)
+        else:
+            teardown.append(took)
+
+    progress(f"owner: {n_att} attached runs, SIGKILL of `corral run` once its children exist")
+    for trial in range(n_att):
+        att.trials += 1
+        marker = markers / f"a{trial}"
+        entry = f"M={marker}".encode()
+        proc = h.popen(dict(env, M=str(marker)), "run", a_agent, "--", "sh", "-c", SPAWNER)
+        pids = wait_pids(marker, SPAWNER_PIDS, 30, proc)
+        if pids is None:
+            sigkill(proc)
+            proc.wait()
+            att.fail(f"trial {trial}: the run's {SPAWNER_PIDS} processes did not appear (corral exit {proc.returncode})")
+            continue
+        time.sleep(rng.uniform(0, 0.2))
+        sigkill(proc)
+        proc.wait()
+        att.faults += proc.returncode == -signal.SIGKILL
+        check_gone(att, trial, pids, entry)
+        if (trial + 1) % max(1, n_att // 5) == 0:
+            progress(f"  attached {trial + 1}/{n_att}, failures {att.failures}")
+    att_teardown, teardown = teardown, []
+
+    progress(f"owner: {n_det} detached runs, SIGKILL of the run's owner process")
+    for trial in range(n_det):
+        det.trials += 1
+        marker = markers / f"d{trial}"
+        entry = f"M={marker}".encode()
+        e = dict(env, M=str(marker))
+        out = h.cli(e, "run", "--detach", d_agent, "--", "sh", "-c", SPAWNER)
+        if out.returncode != 0:
+            det.fail(f"trial {trial}: corral run --detach exited {out.returncode}: {tail(out.stderr)}")
+            continue
+        run_id = out.stdout.strip()
+        pids = wait_pids(marker, SPAWNER_PIDS, 30)
+        if pids is None:
+            det.fail(f"trial {trial}: run {run_id}: its {SPAWNER_PIDS} processes did not appear")
+            continue
+        try:
+            info = h.json(e, "show", run_id, "--json")
+        except (RuntimeError, ValueError) as err:
+            det.fail(f"trial {trial}: run {run_id}: {err}")
+            continue
+        owners = [p["pid"] for p in info["processes"]
+                  if p["role"] == "corral" and "corral-watchdog" not in p["argv"]]
+        if len(owners) != 1:
+            det.fail(f"trial {trial}: run {run_id}: expected one owner process, show lists {owners}")
+            continue
+        time.sleep(rng.uniform(0, 0.2))
+        if alive_with(owners, h.tag_entry):
+            os.kill(owners[0], signal.SIGKILL)
+            det.faults += 1
+        check_gone(det, trial, pids, entry)
+    det_teardown = teardown
+
+    states = Counter((r["agent"], r["state"], r.get("ended_by")) for r in h.json(env, "ps", "--all", "--json")
+                     if r["agent"] in (a_agent, d_agent))
+    for res, agent, times in ((att, a_agent, att_teardown), (det, d_agent, det_teardown)):
+        st = ", ".join(f"{s}/{e}: {n}" for (a, s, e), n in sorted(states.items()) if a == agent)
+        if times:
+            res.notes.append(f"teardown after the SIGKILL: p50 {statistics.median(times) * 1e3:.0f} ms, "
+                             f"max {max(times) * 1e3:.0f} ms; records: {st}")
+    gc = h.cli(env, "gc", "--json")
+    if gc.returncode != 0:
+        det.fail(f"corral gc exited {gc.returncode}: {tail(gc.stderr)}")
+    return [att, det]
+
+
+# --- 2. crash at random points ------------------------------------------------------------
+
+
+def _owner_alive_of(h: Harness, env: dict[str, str], run_id: str, scope: Path) -> bool:
+    from corral.procs import owner_alive
+
+    try:
+        rec = json.loads((h.dirs(env).runs / f"{run_id}.json").read_text())
+    except (OSError, ValueError):
+        rec = None
+    if rec and rec.get("owner_pid"):
+        return owner_alive(rec["owner_pid"], rec.get("owner_start"))
+    # no record / no owner yet: a detached owner would be a python process in supervisor/
+    try:
+        pids = [int(x) for x in (scope / "supervisor" / "cgroup.procs").read_text().split()]
+    except OSError:
+        return False
+    return any("python" in os.path.basename(os.readlink(f"/proc/{p}/exe")) for p in pids
+               if os.path.exists(f"/proc/{p}/exe"))
+
+
+def scenario_crash(h: Harness, scale: float) -> list[Result]:
+    rng = h.rng("crash")
+    env = h.env("crash")
+    res = Result("2 crash at random points of `corral run`")
+    total = max(2, round(100 * scale))
+    batch = min(25, total)
+    stats = Counter()
+    trial = 0
+    while trial < total:
+        agent = h.agent("cr")
+        marker = h.tmp / "crash" / f"m-{agent}"
+        entry = f"M={marker}".encode()
+        e = dict(env, M=str(marker))
+        n = min(batch, total - trial)
+        for _ in range(n):
+            detach = trial % 2 == 1
+            proc = h.popen(e, "run", *(["--detach"] if detach else []), agent, "--", "sh", "-c", CRASHER)
+            time.sleep(rng.uniform(0, 0.25))
+            sigkill(proc)
+            proc.wait()
+            res.trials += 1
+            hit = proc.returncode == -signal.SIGKILL
+            res.faults += hit
+            stats["detached" if detach else "attached", "killed" if hit else f"exit {proc.returncode}"] += 1
+            trial += 1
+        time.sleep(0.5)  # let watchdogs finish what they started
+        runs = [r for r in h.json(e, "ps", "--all", "--json") if r["agent"] == agent]
+        populated = set(h.populated_scopes(agent))
+        live = {r["id"] for r in runs if r["state"] in LIVE_STATES}
+        for rid in sorted(live - populated):
+            res.fail(f"{agent}: ps --all says run {rid} is live, its cgroup is not populated")
+        for rid in sorted(populated - live):
+            st = next((r["state"] for r in runs if r["id"] == rid), "absent")
+            res.fail(f"{agent}: run {rid}'s cgroup is populated, ps --all says {st}")
+        stats["runs listed"] += len(runs)
+        stats["live before gc"] += len(live)
+        gc = h.cli(e, "gc", "--json")
+        if gc.returncode != 0:
+            res.fail(f"{agent}: corral gc exited {gc.returncode}: {tail(gc.stderr)}")
+        else:
+            reaped = {r["id"] for r in json.loads(gc.stdout)["reaped"] if r["agent"] == agent}
+            stats["reaped by gc"] += len(reaped)
+            if not reaped <= populated:
+                res.fail(f"{agent}: gc reaped {sorted(reaped - populated)}, which were not populated")
+        for rid, scope in sorted(h.populated_scopes(agent).items()):
+            if not _owner_alive_of(h, e, rid, scope):
+                res.fail(f"{agent}: after gc, run {rid}'s cgroup is populated and its owner is gone")
+        # what is left are detached runs with a live owner: end them the documented way
+        left = h.populated_scopes(agent)
+        stats["left to their owners"] += len(left)
+        if left:
+            k = h.cli(e, "kill", agent)
+            if k.returncode != 0:
+                res.fail(f"{agent}: corral kill {agent} exited {k.returncode}: {tail(k.stderr)}")
+        time.sleep(0.2)
+        still = h.populated_scopes(agent)
+        if still:
+            res.lose(f"{agent}: {len(still)} cgroup(s) still populated after corral kill: {sorted(still)}",
+                     count=len(still))
+        escaped = alive_with(read_pids(marker), entry)
+        if escaped:
+            res.lose(f"{agent}: {len(escaped)} process(es) of the runs alive after gc and kill: {escaped}",
+                     count=len(escaped))
+            kill_pids(escaped)
+        h.cli(e, "gc", "--json")
+        progress(f"  crash {trial}/{total}, failures {res.failures}, lost {res.lost}")
+    res.notes.append("; ".join(f"{' '.join(k) if isinstance(k, tuple) else k}: {v}" for k, v in sorted(stats.items(), key=str)))
+    return [res]
+
+
+# --- 3. config writers --------------------------------------------------------------------
+
+
+def scenario_config(h: Harness, scale: float) -> list[Result]:
+    from corral.configfile import TEMP_SUFFIX
+
+    rng = h.rng("config")
+    env = h.env("config")
+    res = Result("3 config writers (`corral agents add`)")
+    trials = max(2, round(200 * scale))
+    writers = 4
+    cfg = Path(env["XDG_CONFIG_HOME"]) / "corral" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text("# corral stress: config writers\n[corral.defaults]\nmax_runs = 8  # kept\n")
+    lock = cfg.with_name(cfg.name + ".lock")
+    expected: set[str] = set()
+    stats = Counter()
+
+    def temps() -> list[str]:
+        return [n for n in os.listdir(cfg.parent) if n.endswith(TEMP_SUFFIX)]
+
+    # warm-up (no kill): how long writers live among their peers and hold the lock
+    names = [h.agent("cw") for _ in range(writers)]
+    procs = [h.popen(env, "agents", "add", name, capture=True) for name in names]
+    ends, holds = observe(procs, lock)
+    for name, p in zip(names, procs):
+        p.communicate()
+        if p.returncode == 0:
+            expected.add(name)
+    span = statistics.median(ends)
+    hold = max(0.002, statistics.median(holds) if holds else 0.01)
+    progress(f"config: {trials} trials of {writers} parallel `agents add`, one SIGKILLed: odd trials a random "
+             f"writer at uniform(0, {span * 1.1 * 1e3:.0f} ms), even trials the lock holder at uniform(0, "
+             f"{hold * 1.5 * 1e3:.1f} ms) after it took the lock")
+    for trial in range(trials):
+        res.trials += 1
+        names = [h.agent("cw") for _ in range(writers)]
+        procs = [h.popen(env, "agents", "add", name, capture=True) for name in names]
+        victim, holding = kill_one(procs, rng, lock=lock, holder_mode=trial % 2 == 0, span=span * 1.1,
+                                   hold=hold * 1.5)
+        stats["kills landing while the victim held the config lock"] += holding
+        for i, (name, p) in enumerate(zip(names, procs)):
+            _, err = p.communicate()
+            if i == victim and p.returncode == -signal.SIGKILL:
+                res.faults += 1
+                continue
+            if p.returncode == 0:
+                expected.add(name)
+            else:
+                res.fail(f"trial {trial}: `agents add {name}` (not killed) exited {p.returncode}: {tail(err)}")
+        try:
+            tomllib.loads(cfg.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            res.fail(f"trial {trial}: config.toml does not parse: {err}")
+        left = temps()
+        stats["trials leaving a temp file until the next write"] += bool(left)
+        killed = victim is not None and procs[victim].returncode == -signal.SIGKILL
+        if len(left) > 1 or (left and not killed):
+            res.fail(f"trial {trial}: temp files {left} (victim killed: {killed})")
+        if (trial + 1) % max(1, trials // 5) == 0:
+            progress(f"  config {trial + 1}/{trials}, failures {res.failures}")
+    final = h.agent("cw")
+    out = h.cli(env, "agents", "add", final)
+    if out.returncode != 0:
+        res.fail(f"final `agents add {final}` exited {out.returncode}: {tail(out.stderr)}")
+    else:
+        expected.add(final)
+    if temps():
+        res.fail(f"temp files left after the last (clean) write: {temps()}")
+    try:
+        doc = tomllib.loads(cfg.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        res.fail(f"config.toml does not parse at the end: {err}")
+        doc = {}
+    present = set(doc.get("agents", {}))
+    missing = expected - present
+    if missing:
+        res.lose(f"{len(missing)} agent(s) whose `agents add` exited 0 are missing: {sorted(missing)[:5]}",
+                 count=len(missing))
+    if "# kept" not in cfg.read_text() or doc.get("corral", {}).get("defaults", {}).get("max_runs") != 8:
+        res.fail("the hand-written part of config.toml did not survive")
+    listed = h.cli(env, "agents", "list", "--json")
+    if listed.returncode != 0:
+        res.fail(f"agents list --json exited {listed.returncode}: {tail(listed.stderr)}")
+    res.notes.append(f"{len(expected)} agents acknowledged, {len(present)} in the file "
+                     f"(killed writers' agents present: {len(present - expected)}); "
+                     f"writer lifetime p50 {span * 1e3:.0f} ms, lock held p50 {hold * 1e3:.1f} ms; "
+                     + "; ".join(f"{k}: {v}" for k, v in stats.items()))
+    return [res]
+
+
+# --- 4. token refreshers ------------------------------------------------------------------
+
+
+def scenario_token(h: Harness, scale: float) -> list[Result]:
+    from _auth_util import OAuthServer
+    from corral.auth import Token, login
+
+    rng = h.rng("token")
+    env = h.env("token")
+    dirs = h.dirs(env)
+    res = Result("4 token refreshers (`corral auth token`)")
+    trials = max(2, round(50 * scale))
+    n = 8
+    profile = "stress"
+    server = OAuthServer()
+    stats = Counter()
+    try:
+        server.configure(latency=0.05)
+        add = h.cli(env, "auth", "add", profile, "--token-url", server.token_url, "--client-id", "corral-test")
+        if add.returncode != 0:
+            res.fail(f"auth add exited {add.returncode}: {tail(add.stderr)}")
+            return [res]
+        store = dirs.state / "auth" / f"{profile}.json"
+        lock = dirs.state / "auth" / f"{profile}.lock"
+
+        def sign_in() -> None:
+            pair = server.mint()
+            login(dirs, profile, refresh_token=pair["refresh_token"], access_token=pair["access_token"],
+                  expires_at=time.time() - 1, source="stress")
+
+        sign_in()
+        procs = [h.popen(env, "auth", "token", profile, capture=True) for _ in range(n)]
+        ends, holds = observe(procs, lock)
+        for p in procs:
+            p.communicate()
+        span = max(ends)
+        hold = max(0.06, max(holds) if holds else 0.06)
+        progress(f"token: {trials} rounds of {n} `auth token` at expiry (server latency 50 ms), one SIGKILLed: "
+                 f"1 round in 4 a random one at uniform(0, {span * 1e3:.0f} ms), the others the refresher at "
+                 f"uniform(0, {hold * 1.3 * 1e3:.0f} ms) after it took the lock")
+        for trial in range(trials):
+            res.trials += 1
+            sign_in()
+            before = server.stats()
+            procs = [h.popen(env, "auth", "token", profile, capture=True) for _ in range(n)]
+            victim, holding = kill_one(procs, rng, lock=lock, holder_mode=trial % 4 != 3, span=span, hold=hold * 1.3)
+            stats["kills landing on the refresher (lock holder)"] += holding
+            for i, p in enumerate(procs):
+                _, err = p.communicate(timeout=120)
+                if i == victim and p.returncode == -signal.SIGKILL:
+                    res.faults += 1
+                    continue
+                stats[f"peer exit {p.returncode}"] += 1
+                if p.returncode not in (0, 77) or "Traceback" in err:
+                    res.fail(f"trial {trial}: a refresher that was not killed exited {p.returncode}: {tail(err)}")
+            try:
+                stored = json.loads(store.read_text())
+                Token.from_json(stored)
+            except (OSError, ValueError) as err:
+                res.fail(f"trial {trial}: the token store does not parse: {err}")
+                stored = None
+            nxt = h.cli(env, "auth", "token", profile)
+            if nxt.returncode == 0:
+                stats["next auth token: ok"] += 1
+            elif nxt.returncode == 77 and "sign in again" in nxt.stderr:
+                stats["next auth token: 77 sign in again"] += 1
+            else:
+                res.fail(f"trial {trial}: next `auth token` exited {nxt.returncode}: {tail(nxt.stderr)}")
+            after = server.stats()
+            for key in ("token_requests", "refreshed", "reused"):
+                stats[f"server {key}"] += after.get(key, 0) - before.get(key, 0)
+            try:
+                stored = json.loads(store.read_text())
+            except (OSError, ValueError):
+                stored = None
+            if stored is not None and not stored.get("dead") and \
+                    stored.get("refresh_token") != after.get("newest_refresh_token"):
+                res.lose(f"trial {trial}: the store holds a spent refresh token and does not know it")
+            if (trial + 1) % max(1, trials // 5) == 0:
+                progress(f"  token {trial + 1}/{trials}, failures {res.failures}")
+    finally:
+        server.stop()
+    res.notes.append(f"{trials} rounds: refreshes reaching the server {stats.pop('server refreshed', 0)} "
+                     f"(token requests {stats.pop('server token_requests', 0)}, rejected as reused "
+                     f"{stats.pop('server reused', 0)}); " + "; ".join(f"{k}: {v}" for k, v in sorted(stats.items())))
+    return [res]
+
+
+# --- 5. fuzz ------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]{0,63}", re.ASCII)  # README: letters, digits, '_'
+EDGE_NAMES = ["", "-", "_", "a", "a-b", "a/b", "..", "../x", ".", "a..b", " a", "a ", "a b", "\t", "é", "ａｂ",
+              "١٢", "a\n", "x" * 64, "x" * 65, "A" * 1000, "-rf", "--help", "--detach", "lane1", "lane_1", "_lane",
+              "0", "a.slice", "a\\b", "$(id)", "a;b", "*"]
+
+
+def _strategies(cli: bool) -> Any:
+    from hypothesis import strategies as st
+
+    chars = st.characters(exclude_characters="\x00") if cli else st.characters()
+    text = lambda **kw: st.text(chars, **kw)  # noqa: E731
+    valid_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_]{0,40}", fullmatch=True)
+    junk_names = st.one_of(
+        text(max_size=80),                                                  # any characters
+        st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_]{55,70}", fullmatch=True),  # around the length limit
+        st.text(st.sampled_from(list("aZ09_-/. \t\né") + ["\u0661", "\uff41"]), max_size=70),
+        st.sampled_from(EDGE_NAMES + ([] if cli else ["a\x00b", "\x00"])),
+        text(min_size=60, max_size=300),                                    # long
+    )
+    # about half of them valid, so that the values get exercised too
+    names = st.integers(0, 2).flatmap(lambda k: junk_names if k == 0 else valid_names)
+    num = {} if cli else {  # the library also takes numbers
+        "sizes": [st.integers(-2, 2**70)],
+        "quotas": [st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**6)],
+        "tasks": [st.integers(-2, 2**70)],
+        "timeouts": [st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**12)],
+    }
+
+    def opt(kind: str, *choices: Any) -> Any:
+        """Mostly absent: an example then probes one or two values at a time."""
+        some = st.one_of(*choices, *num.get(kind, []))
+        return st.integers(0, 7).flatmap(lambda k: some if k == 0 else st.none())
+
+    sizes = opt(
+        "sizes",
+        st.from_regex(r" ?[0-9]{1,6}(\.[0-9]{1,3})? ?[KMGTkmgt]?(i?[Bb])? ?", fullmatch=True),
+        st.builds("{}{}".format, st.integers(0, 10**7), st.sampled_from(["", "K", "M", "G", "T", "k", "GiB", "gb"])),
+        st.sampled_from(["0", "-1", "1", "2G", "1.5G", "0.5", "nan", "inf", "1e9", "1GB", "2gib", "\u0663G",
+                         "99999999999999999999T", "", " ", "G", "1 G", "-2G"]),
+        text(max_size=12))
+    quotas = opt(
+        "quotas",
+        st.from_regex(r"[0-9]{1,7}(\.[0-9]{1,3})?%?", fullmatch=True),
+        st.builds("{:g}%".format, st.floats(-10, 2e5)),
+        st.sampled_from(["150%", "nan", "nan%", "NaN", "inf", "-inf", "1e3", "0", "-5", "100000", "100001",
+                         "0.001%", " 50 % ", "%", ""]),
+        text(max_size=10))
+    tasks = opt(
+        "tasks",
+        st.integers(-5, 10**6).map(str),
+        st.sampled_from(["0", "-1", "1", "1_000", "\u0661\u0662", " 7 ", "9" * 30, "0x10", "1.5", ""]),
+        text(max_size=8))
+    timeouts = opt(
+        "timeouts",
+        st.from_regex(r"[0-9]{1,5}(\.[0-9]{1,3})?(ms|s|min|m|h|d|w)?", fullmatch=True),
+        st.builds("{}{}".format, st.integers(0, 10**6), st.sampled_from(["", "ms", "s", "m", "min", "h", "d", "w"])),
+        st.sampled_from(["90s", "30m", "2h", "1ms", "0", "0s", "1e3", "-1s", "24d", "25d", "4w", "1.5",
+                         "99999999999999999999d", " 5 s ", "nan", "inf", ""]),
+        text(max_size=8))
+    env_key = text(max_size=8).filter(lambda k: not k.startswith("LD_") and k != "PATH")
+    pairs = st.lists(st.one_of(st.tuples(env_key, text(max_size=8)).map("=".join), text(max_size=10)),
+                     min_size=1, max_size=3)
+    envs = st.integers(0, 7).flatmap(lambda k: pairs if k == 0 else st.just([]))
+    return st.fixed_dictionaries({"name": names, "memory_max": sizes, "cpu_quota": quotas, "tasks_max": tasks,
+                                  "timeout": timeouts, "env": envs})
+
+
+def _ex(name: str = "probe1", **kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": name, "memory_max": None, "cpu_quota": None, "tasks_max": None, "timeout": None,
+                            "env": []}
+    base.update(kw)
+    return base
+
+
+# Probes that always run (hypothesis's explicit phase), before the generated examples: the
+# edges named in the README and DESIGN (names; limits; --timeout 30m, ...).
+EXPLICIT = [
+    _ex(), _ex("a-b"), _ex("a/b"), _ex(".."), _ex("../x"), _ex(""), _ex(" "), _ex("x" * 64), _ex("x" * 65),
+    _ex("\u00e9"), _ex("lane_1"), _ex("_lane"),
+    _ex(memory_max="2G"), _ex(memory_max="0"), _ex(memory_max="lots"), _ex(cpu_quota="150%"), _ex(cpu_quota="0"),
+    _ex(cpu_quota="nan"), _ex(cpu_quota="inf"), _ex(tasks_max="512"), _ex(tasks_max="0"), _ex(timeout="30m"),
+    _ex(timeout="24d"), _ex(timeout="25d"), _ex(timeout="0"), _ex(env=["A=b"]), _ex(env=["=b"]), _ex(env=["NOEQ"]),
+]
+EXPLICIT_LIBRARY = [_ex(cpu_quota=float("nan")), _ex(timeout=float("nan")), _ex(timeout=float("inf")),
+                    _ex(memory_max=2**70), _ex(name="a\x00b")]
+
+
+def _library_verdict(ex: dict[str, Any]) -> tuple[bool, float | None, str | None]:
+    """(accepted, timeout in seconds, problem) for one example, through the library alone."""
+    import math
+
+    from corral.errors import UsageError
+    from corral.names import validate_agent
+    from corral.spec import Limits, RunSpec
+    from corral.units import parse_env_pairs
+
+    name = ex["name"]
+    try:
+        validate_agent(name)
+        limits = Limits.parse(memory_max=ex["memory_max"], cpu_quota=ex["cpu_quota"], tasks_max=ex["tasks_max"])
+        spec = RunSpec(agent=name, argv=("/bin/true",), env=parse_env_pairs(ex["env"]), limits=limits,
+                       timeout=ex["timeout"])
+    except UsageError:
+        ok_name = bool(_NAME_RE.fullmatch(name)) if isinstance(name, str) else False
+        try:
+            validate_agent(name)
+        except UsageError:
+            if ok_name:
+                return False, None, f"validate_agent rejects {name!r}, a name the documented rule allows"
+        return False, None, None
+    except Exception as err:  # noqa: BLE001 - anything but a UsageError is a bug
+        return False, None, f"{type(err).__name__} (not UsageError): {err}"
+    problems = []
+    if not _NAME_RE.fullmatch(name):
+        problems.append(f"agent name {name!r} accepted against the documented rule")
+    for key, value in limits.requested().items():
+        if not math.isfinite(value) or value <= 0:
+            problems.append(f"{key}={value!r} accepted (from {ex[key]!r})")
+    if spec.timeout is not None and (not math.isfinite(spec.timeout) or spec.timeout <= 0):
+        problems.append(f"timeout={spec.timeout!r} accepted (from {ex['timeout']!r})")
+    return True, spec.timeout, "; ".join(problems) or None
+
+
+def _cli_args(ex: dict[str, Any]) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={ex[k]}" for k in ("memory_max", "cpu_quota", "tasks_max", "timeout")
+             if ex[k] is not None]
+    flags += [f"--env={pair}" for pair in ex["env"]]
+    if ex["name"].startswith("-"):  # would be read as an option: pass it after --
+        return ["run", *flags, "--", ex["name"], "/bin/true"]
+    return ["run", ex["name"], *flags, "--", "/bin/true"]
+
+
+def scenario_fuzz(h: Harness, scale: float) -> list[Result]:
+    from hypothesis import HealthCheck, Phase, example, given, settings
+
+    env = h.env("fuzz")
+    runs_dir = h.dirs(env).runs
+    cli_res, lib_res = Result("5a fuzz: names and values through the CLI"), Result("5b fuzz: through the library")
+    n_cli, n_lib = max(10, round(300 * scale)), max(100, round(2000 * scale))
+    common = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+
+    def explicit(examples: list[dict[str, Any]]) -> Callable[[Any], Any]:
+        def wrap(fn: Any) -> Any:
+            for ex in reversed(examples):
+                fn = example(ex=ex)(fn)
+            return fn
+        return wrap
+    kinds: Counter = Counter()
+    lib_kinds: Counter = Counter()
+    verdicts: Counter = Counter()
+
+    @settings(max_examples=n_lib, **common)
+    @given(ex=_strategies(cli=False))
+    @explicit(EXPLICIT + EXPLICIT_LIBRARY)
+    def library(ex: dict[str, Any]) -> None:
+        lib_res.trials += 1
+        accepted, _timeout, problem = _library_verdict(ex)
+        lib_res.faults += not accepted
+        if problem:
+            kind = re.sub(r" \(from .*?\)", "", problem)[:90]
+            lib_kinds[kind] += 1
+            if lib_kinds[kind] <= 2:
+                lib_res.fail(f"{problem}  (example {ex!r:.200})")
+            else:
+                lib_res.failures += 1
+
+    def snapshot() -> tuple[set[str], set[str]]:
+        try:
+            records = set(os.listdir(runs_dir))
+        except FileNotFoundError:
+            records = set()
+        return records, h.tree()
+
+    @settings(max_examples=n_cli, **common)
+    @given(ex=_strategies(cli=True))
+    @explicit(EXPLICIT)
+    def through_cli(ex: dict[str, Any]) -> None:
+        cli_res.trials += 1
+        accepted, timeout, problem = _library_verdict(ex)
+        args = _cli_args(ex)
+        before = snapshot()
+        try:
+            out = h.cli(env, *args, timeout=60)
+        except subprocess.TimeoutExpired:
+            cli_res.fail(f"corral {args!r:.200} did not end within 60 s")
+            h.kill_tree()
+            return
+        after = snapshot()
+        code, err = out.returncode, out.stderr
+        verdicts["valid" if accepted else "invalid", code] += 1
+        why = None
+        if "Traceback" in err:
+            frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', err)
+            at = f" at {frames[-1][0].split('/src/')[-1]}:{frames[-1][1]} ({frames[-1][2]})" if frames else ""
+            why = f"traceback, exit {code}: {err.strip().splitlines()[-1]}{at}"
+        elif accepted:
+            allowed = (0, 124) if timeout is not None and timeout < 2 else (0,)
+            if code not in allowed:
+                why = f"valid input exited {code}: {tail(err, 160)}"
+        else:
+            cli_res.faults += 1
+            if code != 2:
+                why = f"invalid input exited {code} (not 2): {tail(err, 160)}"
+            elif after != before:
+                why = (f"invalid input created something: records {sorted(after[0] - before[0])}, "
+                       f"cgroups {sorted(after[1] - before[1])}")
+        if why:
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            kind = f"exit {code}: {last}" if "Traceback" in err else re.sub(r"[0-9a-f]{8}|\d+", "N", why)[:90]
+            kinds[kind] += 1
+            if kinds[kind] <= 2:
+                cli_res.fail(f"{why}  <- corral {' '.join(map(repr, args))[:240]}")
+            else:
+                cli_res.failures += 1
+        if cli_res.trials % max(1, n_cli // 5) == 0:
+            progress(f"  fuzz CLI {cli_res.trials}/{n_cli}, failures {cli_res.failures}")
+        if accepted:  # the contract: torn down before an attached corral exits (within 2 s if it died)
+            t0 = time.monotonic()
+            while h.populated_scopes(ex["name"]) and time.monotonic() - t0 < 2.0:
+                time.sleep(0.005)
+            if time.monotonic() - t0 > 0.001:
+                cli_res.notes.append(f"run of {ex['name']!r} (exit {code}) was still populated when `corral run` "
+                                     f"had exited; empty {(time.monotonic() - t0) * 1e3:.0f} ms later")
+            for rid, scope in h.populated_scopes(ex["name"]).items():
+                cli_res.lose(f"run {rid} of {ex['name']!r} still populated 2 s after its `corral run` ended")
+                (scope / "cgroup.kill").write_text("1")
+
+    progress(f"fuzz: {n_lib} library examples, {n_cli} CLI examples (hypothesis, derandomized)")
+    library()
+    through_cli()
+    cli_res.notes.append("outcomes: " + ", ".join(f"{v} exit {c}: {n}" for (v, c), n in sorted(verdicts.items())))
+    for kind, count in kinds.most_common():
+        cli_res.notes.append(f"{count} x {kind}")
+    for kind, count in lib_kinds.most_common():
+        lib_res.notes.append(f"{count} x {kind}")
+    h.cli(env, "gc", "--json")
+    return [cli_res, lib_res]
+
+
+# --- 6. load ------------------------------------------------------------------------------
+
+
+def scenario_load(h: Harness, scale: float) -> list[Result]:
+    env = h.env("load")
+    res = Result("6 load: detached runs, ps, kill --all")
+    total = max(10, round(500 * scale))
+    agents = [h.agent("ld") for _ in range(5)]
+    res.trials = total
+
+    def start(i: int) -> tuple[int, subprocess.CompletedProcess]:
+        return i, h.cli(env, "run", "--detach", agents[i % len(agents)], "--", "sleep", "1000")
+
+    progress(f"load: starting {total} detached runs, 8 at a time")
+    t0 = time.monotonic()
+    ids: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
+        for i, out in pool.map(start, range(total)):
+            if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{8}", out.stdout.strip()):
+                ids[out.stdout.strip()] = agents[i % len(agents)]
+            else:
+                res.fail(f"run {i}: corral run --detach exited {out.returncode}: {tail(out.stderr)}")
+            if (i + 1) % max(1, total // 5) == 0:
+                progress(f"  started {i + 1}/{total}")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: start no more, then clean up
+    t_start = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    ps = h.cli(env, "ps", "--json")
+    t_ps = time.monotonic() - t0
+    seen = {r["id"]: r for r in json.loads(ps.stdout)} if ps.returncode == 0 else {}
+    if ps.returncode != 0:
+        res.fail(f"ps --json exited {ps.returncode}: {tail(ps.stderr)}")
+    missing = [rid for rid in ids if rid not in seen]
+    if missing:
+        res.lose(f"{len(missing)} started run(s) not listed by ps: {missing[:5]}", count=len(missing))
+    bad = [rid for rid in ids if rid in seen and not (seen[rid]["state"] == "running" and (seen[rid]["pids"] or 0) >= 1)]
+    if bad:
+        res.fail(f"{len(bad)} run(s) listed without a live process: "
+                 f"{[(r, seen[r]['state'], seen[r]['pids']) for r in bad[:5]]}", count=len(bad))
+    pids_before = sum(len(h.populated_scopes(a)) for a in agents)
+
+    t0 = time.monotonic()
+    kill = h.cli(env, "kill", "--all", timeout=600)
+    t_kill = time.monotonic() - t0
+    if kill.returncode != 0:
+        res.fail(f"kill --all exited {kill.returncode}: {tail(kill.stderr)}")
+    still = sum(len(h.populated_scopes(a)) for a in agents)
+    if still:
+        res.lose(f"{still} scope(s) still populated after kill --all", count=still)
+    t0 = time.monotonic()
+    after = h.cli(env, "ps", "--json")
+    t_ps2 = time.monotonic() - t0
+    listed = [r for r in json.loads(after.stdout or "[]") if r["agent"] in agents]
+    if listed:
+        res.fail(f"ps --json after kill --all still lists {len(listed)} run(s)", count=len(listed))
+    ended = Counter(r["state"] for r in h.json(env, "ps", "--all", "--json") if r["id"] in ids)
+    res.notes.append(f"{len(ids)} started in {t_start:.1f} s ({t_start / max(1, total) * 1e3:.0f} ms/run wall, "
+                     f"8 parallel); ps --json with {len(seen)} live: {t_ps * 1e3:.0f} ms; populated scopes before "
+                     f"kill {pids_before}; kill --all: {t_kill * 1e3:.0f} ms; ps after: {t_ps2 * 1e3:.0f} ms; "
+                     f"final states {dict(ended)}")
+    h.cli(env, "gc", "--json")
+    return [res]
+
+
+# --- main ---------------------------------------------------------------------------------
+
+RUNNERS: dict[str, Callable[[Harness, float], list[Result]]] = {
+    "owner": scenario_owner, "crash": scenario_crash, "config": scenario_config, "token": scenario_token,
+    "fuzz": scenario_fuzz, "load": scenario_load,
+}
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| scenario | trials | faults injected | failures | lost |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.trials} | {r.faults} | {r.failures} | {r.lost} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="~1/10 of the trials (a CI smoke run)")
+    ap.add_argument("--only", metavar="NAME", help=f"comma-separated subset of: {', '.join(SCENARIOS)} (or 1-6)")
+    ap.add_argument("--seed", type=int, default=43367, help="seed of the random kill moments (default %(default)s)")
+    args = ap.parse_args()
+    wanted = list(SCENARIOS)
+    if args.only:
+        wanted = []
+        for item in args.only.split(","):
+            item = item.strip()
+            name = SCENARIOS[int(item) - 1] if item.isdigit() and 1 <= int(item) <= len(SCENARIOS) else item
+            if name not in SCENARIOS:
+                ap.error(f"unknown scenario {item!r}; known: {', '.join(SCENARIOS)}")
+            wanted.append(name)
+    if os.geteuid() != 0:
+        progress("note: not root; the cgroupfs backend needs a writable cgroup2 tree")
+    scale = 0.1 if args.quick else 1.0
+
+    def _terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # unwinds into the cleanup below
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)  # even where a shell started us with SIGINT ignored
+    h = Harness(args.seed, args.quick)
+    progress(f"corral stress{' --quick' if args.quick else ''}: seed {args.seed}, tag {h.tag}, cgroup root "
+             f"{h.cg_root}, dirs {h.tmp}")
+    results: list[Result] = []
+    started = time.monotonic()
+    cleanup_note = ""
+    interrupted = ""
+    try:
+        for name in wanted:
+            t0 = time.monotonic()
+            progress(f"== {name}")
+            try:
+                got = RUNNERS[name](h, scale)
+            except Exception as err:  # noqa: BLE001 - a broken scenario is a failure, not a crash
+                import traceback
+
+                traceback.print_exc()
+                got = [Result(name)]
+                got[0].fail(f"the scenario itself crashed: {type(err).__name__}: {err}")
+            took = time.monotonic() - t0
+            for r in got:
+                r.seconds = took / len(got)
+                results.append(r)
+            progress(f"== {name} done in {took:.1f} s: "
+                     + "; ".join(f"{r.name}: {r.failures} failure(s), {r.lost} lost" for r in got))
+    except KeyboardInterrupt as err:
+        interrupted = str(err) or "interrupted"
+        progress(f"interrupted ({interrupted}): cleaning up; the table shows the scenarios that finished")
+    finally:
+        cleanup_note = h.cleanup()
+        progress(cleanup_note)
+    total = time.monotonic() - started
+    print(f"## corral stress{' --quick' if args.quick else ''} ({time.strftime('%Y-%m-%d', time.gmtime())}, "
+          f"{os.cpu_count()} cores, cgroupfs, seed {args.seed}): {total:.0f} s"
+          f"{' (INTERRUPTED)' if interrupted else ''}\n")
+    print(table(results))
+    print()
+    for r in results:
+        for line in [f"{r.seconds:.1f} s", *r.notes]:
+            print(f"- {r.name}: {line}")
+        for p in r.problems:
+            print(f"  - {p}")
+    print(f"- {cleanup_note}")
+    bad = sum(r.failures + r.lost for r in results)
+    return 130 if interrupted else 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
