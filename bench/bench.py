@@ -207,7 +207,8 @@ class Bench:
             t0 = time.perf_counter()
             self.cli("kill", "--all")
             kill_ms = (time.perf_counter() - t0) * 1000
-            self.row(f"corral kill --all, {count} live runs", kill_ms, "per run", kill_ms / count)
+            self.row(f"corral kill --all, {count} live runs (until every cgroup is empty)", kill_ms,
+                     "per run, ms", round(kill_ms / count, 2), anchor_unit="")
         finally:
             for r in runs:
                 if r.cgroup.exists():
