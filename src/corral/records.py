@@ -71,14 +71,17 @@ class RunRecord:
         return dataclasses.replace(self, **changes)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """temp file in the same dir + fsync + rename + dir fsync."""
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+    """temp file in the same dir + fsync + rename + dir fsync. Readers see the old or the
+    new content, never a torn one. *durable=False* skips both fsyncs: still atomic against
+    a crash of the writer, not against a power loss (for files that need only the former)."""
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, mode)
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
@@ -90,6 +93,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable:
+        return
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

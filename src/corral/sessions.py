@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from .cgroup import CgroupDir
 from .errors import CorralError, SessionBusy, UsageError, translate_oserror
 from .names import validate_agent
 from .paths import Dirs
+from .records import atomic_write
 from .records import now_iso
 
 KEY_MAX = 4096
@@ -83,19 +83,9 @@ def _check_key(key: str) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic (unique temp file + rename: readers see old or new, never torn). No fsync:
-    the runtime dir does not outlive a reboot, and neither does any lease."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Atomic, not durable: the runtime dir does not outlive a reboot, and neither does any
+    lease, so the fsyncs would buy nothing."""
+    atomic_write(path, json.dumps(data, sort_keys=True).encode(), mode=0o600, durable=False)
 
 
 _PAGE = 4096

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -249,7 +248,7 @@ class TokenStore:
         competing for 2 CPUs."""
         self.ensure_dir()
         try:
-            _replace(self.marker_path, json.dumps(dataclasses.asdict(marker)).encode())
+            atomic_write(self.marker_path, json.dumps(dataclasses.asdict(marker)).encode(), mode=0o600, durable=False)
         except OSError as err:
             raise translate_oserror(err, what="write in-flight marker", path=str(self.marker_path)) from err
 
@@ -299,22 +298,6 @@ class TokenStore:
             return _flock.try_flock(fd, fcntl.LOCK_EX)
         finally:
             _flock.close_private(fd)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Temp file in the same dir (0600 from mkstemp) + rename, without fsync."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.write(fd, data)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def auth_dir(dirs: Dirs) -> Path:
