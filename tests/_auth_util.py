@@ -26,6 +26,7 @@ from corral.paths import Dirs
 HERE = Path(__file__).resolve().parent
 CORRAL = [sys.executable, "-m", "corral.cli"]
 STOP_ENV = "CORRAL_AUTH_TEST_STOP_AT"
+REAUTH = "sign in again: corral auth login p1"  # the message for profile p1 when only a new sign-in helps
 
 # Only 127.0.0.1: never let a proxy from the environment see the test traffic.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))

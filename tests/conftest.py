@@ -144,6 +144,16 @@ def corral(backend: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     cli.cleanup()
 
 
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    """A real OAuth 2.0 server on 127.0.0.1 (tests/_auth_server.py), one per test module."""
+    from _auth_util import OAuthServer  # authlib: imported only by the tests that use it
+
+    srv = OAuthServer()
+    yield srv
+    srv.stop()
+
+
 def alive(pids: list[int]) -> list[int]:
     """Those of *pids* that are still running (zombies count as gone: they are dead)."""
     out = []

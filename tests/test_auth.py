@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from _auth_util import CORRAL, Env, OAuthServer, fork_worker, kill, setup_profile, wait_stopped
+from _auth_util import CORRAL, REAUTH, Env, OAuthServer, fork_worker, kill, setup_profile, wait_stopped
 from corral.auth import TokenStore, add_profile, env_for_run, get_profile, get_token, login
 from corral.auth.importers import parse_auth_json
 from corral.errors import ConfigError, PermissionDenied, ProfileNotFound, SignInAgain, UsageError
 
 pytestmark = pytest.mark.timeout(60)
-
-REAUTH = "sign in again: corral auth login p1"
-
-
-@pytest.fixture(scope="module")
-def server():  # type: ignore[no-untyped-def]
-    srv = OAuthServer()
-    yield srv
-    srv.stop()
-
 
 @pytest.fixture
 def env(tmp_path: Path, server: OAuthServer) -> Env:

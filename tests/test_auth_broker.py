@@ -28,13 +28,6 @@ pytestmark = pytest.mark.timeout(60)
 NOBODY = 65534
 
 
-@pytest.fixture(scope="module")
-def server():  # type: ignore[no-untyped-def]
-    srv = OAuthServer()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
 def open_root() -> Iterator[Path]:
     """A base dir another uid can walk (pytest's tmp dirs are 0700), removed afterwards."""

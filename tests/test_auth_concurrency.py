@@ -13,20 +13,10 @@ from collections import Counter
 
 import pytest
 
-from _auth_util import Env, Gate, OAuthServer, fork_worker, kill, percentile, setup_profile, wait_stopped
+from _auth_util import REAUTH, Env, Gate, OAuthServer, fork_worker, kill, percentile, setup_profile, wait_stopped
 from corral.auth import Token, add_profile
 
 pytestmark = pytest.mark.timeout(120)
-
-REAUTH = "sign in again: corral auth login p1"
-
-
-@pytest.fixture(scope="module")
-def server():  # type: ignore[no-untyped-def]
-    srv = OAuthServer()
-    yield srv
-    srv.stop()
-
 
 @pytest.fixture
 def env(tmp_path) -> Env:  # type: ignore[no-untyped-def]

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from _auth_util import Env, OAuthServer, setup_profile
-
-
-@pytest.fixture(scope="module")
-def server():  # type: ignore[no-untyped-def]
-    srv = OAuthServer()
-    yield srv
-    srv.stop()
 
 
 def test_run_with_auth_sees_an_access_token_and_no_refresh_token(backend: str, tmp_path: Path,
