@@ -241,14 +241,21 @@ def load_settings(dirs: Dirs) -> Settings:
     return _settings_from(store.document(), store.path)
 
 
-def load_effective_agent(dirs: Dirs, name: str) -> AgentConfig | None:
-    """The agent with ``[corral.defaults]`` filled in, from one read of the file; None if
-    the agent is not configured. Flags given to ``corral run`` override these values."""
+def load_run_config(dirs: Dirs, name: str) -> tuple[AgentConfig | None, Settings]:
+    """What a run needs, from one read of the file: the agent with ``[corral.defaults]``
+    filled in (None if it is not configured) and the ``[corral]`` settings (the budget)."""
     validate_agent(name)
     store = open_store(dirs)
     doc = store.document()
+    settings = _settings_from(doc, store.path)
     agent = _agent_from(doc, name, store.path)
-    return agent.with_defaults(_settings_from(doc, store.path)) if agent else None
+    return (agent.with_defaults(settings) if agent else None), settings
+
+
+def load_effective_agent(dirs: Dirs, name: str) -> AgentConfig | None:
+    """The agent with ``[corral.defaults]`` filled in; None if the agent is not configured.
+    Flags given to ``corral run`` override these values."""
+    return load_run_config(dirs, name)[0]
 
 
 __all__ = [
@@ -266,6 +273,7 @@ __all__ = [
     "list_agents",
     "load_agent",
     "load_effective_agent",
+    "load_run_config",
     "load_settings",
     "normalize",
     "normalize_changes",

@@ -25,10 +25,10 @@ def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | 
     validate_agent(agent)
     conf = None
     if (dirs.config / "config.toml").exists():  # no file: an ad hoc agent, and no tomlkit to load
-        from .config import load_effective_agent, load_settings
+        from .config import load_run_config
 
-        conf = load_effective_agent(dirs, agent)
-        budget = load_settings(dirs).budget
+        conf, settings = load_run_config(dirs, agent)
+        budget = settings.budget
         if budget.requested():
             spec_fields["budget"] = budget
     flags = limits or Limits()
