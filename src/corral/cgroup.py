@@ -19,31 +19,30 @@ from .errors import translate_oserror
 MOUNTINFO = Path("/proc/self/mountinfo")
 
 
-def find_cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Path | None:
-    """The cgroup2 mount point from mountinfo (``/sys/fs/cgroup`` or ``.../unified``)."""
+def _cgroup_mounts(mountinfo: Path) -> list[tuple[str, list[str], Path]]:
+    """(fstype, super options, mount point) of every cgroup/cgroup2 mount in mountinfo."""
     try:
         text = mountinfo.read_text()
     except OSError:
-        return None
+        return []
+    out = []
     for line in text.splitlines():
         left, _, right = line.partition(" - ")
-        if right.split(" ", 1)[0] == "cgroup2":
-            return Path(left.split()[4])
-    return None
+        parts = right.split()
+        if parts and parts[0] in ("cgroup", "cgroup2"):
+            out.append((parts[0], parts[-1].split(","), Path(left.split()[4])))
+    return out
+
+
+def find_cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Path | None:
+    """The cgroup2 mount point from mountinfo (``/sys/fs/cgroup`` or ``.../unified``)."""
+    return next((point for fstype, _opts, point in _cgroup_mounts(mountinfo) if fstype == "cgroup2"), None)
 
 
 def find_v1_mount(controller: str, mountinfo: Path = MOUNTINFO) -> Path | None:
     """Mount point of a cgroup v1 hierarchy holding *controller* (hybrid layouts)."""
-    try:
-        text = mountinfo.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        parts = right.split()
-        if parts and parts[0] == "cgroup" and controller in parts[-1].split(","):
-            return Path(left.split()[4])
-    return None
+    return next((point for fstype, opts, point in _cgroup_mounts(mountinfo)
+                 if fstype == "cgroup" and controller in opts), None)
 
 
 def own_cgroup(pid: int | str = "self") -> str:

@@ -120,12 +120,10 @@ class Backend(ABC):
         except OSError as err:
             log.warning("cannot create %s for the budget: %s", root.path, err)
             return
-        writes = {"memory.max": limits.memory_max, "memory.high": limits.memory_high, "pids.max": limits.tasks_max,
-                  "cpu.max": f"{int(limits.cpu_quota * 1000)} 100000" if limits.cpu_quota else None}
-        for name, value in writes.items():
-            if value is not None and (root.path / name).exists():
+        for name, value in v2_limit_files(limits).items():
+            if (root.path / name).exists():
                 try:
-                    (root.path / name).write_text(str(value))
+                    (root.path / name).write_text(value)
                 except OSError as err:
                     log.warning("budget %s=%s on %s: %s", name, value, root.path, err)
 
@@ -214,11 +212,21 @@ class Backend(ABC):
         return False
 
     def freeze(self, cgroup: CgroupDir, frozen: bool) -> None:
+        """``cgroup.freeze`` on the payload, for both backends: the kernel file works on
+        hybrid hosts too, and freezes only the payload (systemd's FreezeUnit would freeze
+        the whole unit, watchdog and detached owner included)."""
         if not cgroup.set_frozen(frozen):
             raise TeardownIncomplete(f"{cgroup.path} did not {'freeze' if frozen else 'thaw'} in time", survivors=[])
 
     def probe(self) -> Probe:
         return Probe(self.name, True)
+
+
+def v2_limit_files(limits: Limits) -> dict[str, str]:
+    """The cgroup v2 file and value for each limit that is set (cpu.max: quota per 100 ms)."""
+    values = {"memory.max": limits.memory_max, "memory.high": limits.memory_high, "pids.max": limits.tasks_max,
+              "cpu.max": f"{int(limits.cpu_quota * 1000)} 100000" if limits.cpu_quota else None}
+    return {name: str(value) for name, value in values.items() if value is not None}
 
 
 def _read_limit(cgroup: CgroupDir, key: str) -> int | float | None:

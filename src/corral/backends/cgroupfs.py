@@ -16,7 +16,7 @@ from ..cgroup import CgroupDir, find_cgroup2_mount
 from ..errors import NoBackend, translate_oserror
 from ..names import ROOT_SLICE, agent_slice, scope_name
 from ..spec import Limits
-from .base import Backend, Probe, log
+from .base import Backend, Probe, log, v2_limit_files
 
 _CONTROLLER_OF = {"memory_max": "memory", "memory_high": "memory", "cpu_quota": "cpu", "tasks_max": "pids"}
 
@@ -78,17 +78,11 @@ class CgroupfsBackend(Backend):
         return cg
 
     def _apply_limits(self, cg: CgroupDir, limits: Limits) -> None:
-        writes = {
-            "memory.max": limits.memory_max,
-            "memory.high": limits.memory_high,
-            "pids.max": limits.tasks_max,
-            "cpu.max": f"{int(limits.cpu_quota * 1000)} 100000" if limits.cpu_quota else None,
-        }
-        for name, value in writes.items():
-            if value is None or not (cg.path / name).exists():
+        for name, value in v2_limit_files(limits).items():
+            if not (cg.path / name).exists():
                 continue  # controller not enabled here: reported as not enforced
             try:
-                (cg.path / name).write_text(str(value))
+                (cg.path / name).write_text(value)
             except OSError as err:
                 raise translate_oserror(err, what=f"set {name}", path=str(cg.path / name)) from err
 
@@ -101,12 +95,15 @@ class CgroupfsBackend(Backend):
         if not cgroup.rmdir():
             cgroup.wait_empty(2.0)
             cgroup.rmdir()
-        # The agent slice goes when it is empty; a concurrent prepare() retries on ENOENT.
-        try:
-            os.rmdir(cgroup.path.parent)
-        except OSError as err:
-            if err.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
-                log.debug("could not remove %s: %s", cgroup.path.parent, err)
+        # The agent slice, then corral.slice, go when empty (nothing is left behind when the
+        # last run ends); a concurrent prepare() recreates them, retrying on ENOENT.
+        for parent in (cgroup.path.parent, self.slice_dir()):
+            try:
+                os.rmdir(parent)
+            except OSError as err:
+                if err.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
+                    log.debug("could not remove %s: %s", parent, err)
+                return
 
     def probe(self) -> Probe:
         return probe(self.mount, self.root)
@@ -129,19 +126,18 @@ def probe(mount: Path | None = None, root: Path | None = None) -> Probe:
         p.reasons.append(f"{writable_dir} is not writable by uid {os.geteuid()}")
         p.missing.append("root, or a delegated cgroup subtree (set CORRAL_CGROUP_ROOT to it)")
         return p
-    if not (root / "cgroup.kill").exists() and not any((root / d / "cgroup.kill").exists() for d in ["."]):
-        # cgroup.kill lives only in non-root cgroups; check a child if there is one
-        child = next((c for c in root.iterdir() if c.is_dir()), None) if root.exists() else None
-        if child is not None and not (child / "cgroup.kill").exists():
-            p.reasons.append("cgroup.kill missing (kernel older than 5.14)")
-            p.missing.append("Linux >= 5.14 for cgroup.kill")
-            return p
+    # cgroup.kill exists only in non-root cgroups: at the mount root, look at a child
+    probe_dir = root if root != mount else next((c for c in root.iterdir() if c.is_dir()), None)
+    if probe_dir is not None and not (probe_dir / "cgroup.kill").exists():
+        p.reasons.append("cgroup.kill missing (kernel older than 5.14)")
+        p.missing.append("Linux >= 5.14 for cgroup.kill")
+        return p
     missing_ctl = sorted({"memory", "pids", "cpu"} - controllers)
     if missing_ctl:
         p.facts["limits_not_enforced"] = missing_ctl
         p.reasons.append(
             f"controllers {', '.join(missing_ctl)} are not on cgroup v2 here: their limits are not enforced; "
-            "usage of memory is summed with psutil"
+            "memory usage is the sum of the processes' RSS"
         )
     p.usable = True
     p.reasons.insert(0, f"cgroup2 at {mount} is writable; runs go under {root / ROOT_SLICE}")

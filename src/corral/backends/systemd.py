@@ -268,11 +268,6 @@ class SystemdBackend(Backend):
         args = apply_signature(b"sb", [ROOT_SLICE.encode(), True]) + _prop_args(props)
         self._call(b"SetUnitProperties", args, f"set the budget on {ROOT_SLICE}")
 
-    def freeze(self, cgroup: CgroupDir, frozen: bool) -> None:
-        # FreezeUnit needs the unified hierarchy in systemd's eyes; on hybrid hosts it says
-        # "not supported", so the kernel file is the one way that works everywhere.
-        super().freeze(cgroup, frozen)
-
     def close(self) -> None:
         try:
             self.bus.close()
