@@ -297,24 +297,20 @@ class Bench:
         self.row("per detached run: corral's RSS (owner+watchdog)", rss / 1024, "PSS", pss / 1024, unit="MiB")
 
     def cleanup(self) -> None:
-        for agent in ("benchcli", "benchlib", "benchkill", "benchps", "benchmem", "benchraw"):
-            d = self.corral.backend.slice_dir() / f"corral-{agent}.slice"
-            if not d.exists():
-                continue
-            for scope in d.iterdir():
-                if scope.is_dir():
-                    CgroupDir(scope).kill()
-                    CgroupDir(scope).wait_empty(5)
-                    for leaf in ("payload", "supervisor", ""):
-                        try:
-                            os.rmdir(scope / leaf if leaf else scope)
-                        except OSError:
-                            pass
-            if self.backend == "cgroupfs":
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
+        # corral's own teardown and release: kill, verify empty, remove what the backend made
+        backend = self.corral.backend
+        for scope in backend.live_scopes():
+            if scope.agent in ("benchcli", "benchlib", "benchkill", "benchps", "benchmem"):
+                backend.teardown(scope.cgroup)
+                backend.release(scope.agent, scope.run_id, scope.cgroup)
+        raw = backend.slice_dir() / "corral-benchraw.slice"  # _raw_cgroupfs's own cgroups, not runs
+        if raw.exists():
+            for d in raw.iterdir():
+                if d.is_dir():
+                    CgroupDir(d).kill()
+                    CgroupDir(d).wait_empty(5)
+                    d.rmdir()
+            raw.rmdir()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def table(self) -> str:
