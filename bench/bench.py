@@ -311,6 +311,11 @@ class Bench:
                     CgroupDir(d).wait_empty(5)
                     d.rmdir()
             raw.rmdir()
+            if self.backend == "cgroupfs":
+                try:
+                    backend.slice_dir().rmdir()  # release() leaves it while benchraw was in it
+                except OSError:
+                    pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def table(self) -> str:
