@@ -177,14 +177,14 @@ def _set(table: MutableMapping[str, Any], key: str, value: Any) -> None:
     # A new key goes after the table's last key, not after its trailing comments or
     # sub-tables (tomlkit appends at the very end of the table's body).
     last = None
-    for k, item in table.value.body:
+    for index, (k, item) in enumerate(table.value.body):
         if k is not None and not isinstance(item, (Table, AoT)):
-            last = k.key
+            last = index
     try:
         if last is None:
             raise AttributeError
-        table.value._insert_after(last, key, value)  # noqa: SLF001 -- no public API for this
-    except (AttributeError, KeyError, TypeError):
+        table.value._insert_at(last + 1, key, value)  # noqa: SLF001 -- no public API for this
+    except (AttributeError, KeyError, TypeError, ValueError):
         table[key] = value
 
 
