@@ -6,12 +6,13 @@ SHELL       := /bin/bash
 PY          := /usr/bin/python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
-APT_PKGS    := libsystemd-dev pkg-config systemd-container python3-venv python3-dev gcc
+APT_PKGS    := libsystemd-dev pkg-config systemd-container python3-venv python3-dev gcc bubblewrap
 PYTEST      := $(VENV)/bin/pytest -q -p no:cacheprovider
 export PYTHONDONTWRITEBYTECODE := 1
 # What depends on the backend runs in every tier; config, auth and pure tests only on the host.
 BACKEND_TESTS := tests/test_runs.py tests/test_lifecycle.py tests/test_library.py tests/test_session_runs.py \
-                 tests/test_agent_runs.py tests/test_auth_run.py tests/test_systemd_view.py tests/test_deploy.py
+                 tests/test_agent_runs.py tests/test_auth_run.py tests/test_systemd_view.py tests/test_deploy.py \
+                 tests/test_isolation.py
 
 .PHONY: all deps test test-host test-stress-quick test-systemd test-user demo bench stress clean install install-user uninstall uninstall-user wheels
 

@@ -205,14 +205,15 @@ def test_agent_run_sees_an_access_token_and_no_refresh_token(env: Env, server: O
         env > {out}/env
         {corral_cmd} auth token p1 > {out}/token 2> {out}/token.err
         find {env.root} -type f -readable ! -path '{out}/*' -exec grep -lF -f {out}/pattern {{}} + > {out}/same-uid 2>/dev/null
-        setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- sh -c '
-            id -u > {out}/other-id
-            find {env.root} -type f -readable ! -path "{out}/*" > {out}/other-readable 2>/dev/null
-            find {env.root} -type f -readable ! -path "{out}/*" -exec grep -lF -f {out}/pattern {{}} + \
-                > {out}/other-uid 2>/dev/null
-            true'
         true
     """
+    # The same search outside any run, as another uid (a run has no capability to switch).
+    other = f"""
+        id -u > {out}/other-id
+        find {env.root} -type f -readable ! -path "{out}/*" > {out}/other-readable 2>/dev/null
+        find {env.root} -type f -readable ! -path "{out}/*" -exec grep -lF -f {out}/pattern {{}} + \
+            > {out}/other-uid 2>/dev/null
+        true"""
     # The probe gets the refresh token only as a pattern to look for, in a file of the
     # output dir it does not search (in argv it would land in the run's record).
     (out / "pattern").write_text(refresh + "\n")
@@ -231,7 +232,11 @@ def test_agent_run_sees_an_access_token_and_no_refresh_token(env: Env, server: O
     assert (out / "token").read_text().strip() == access, (out / "token.err").read_text()
     # The refresh token is in exactly one file: the broker's 0600 store. Not in the run's
     # record or log, the config, the runtime dir. Another uid cannot read even that one.
-    assert (out / "same-uid").read_text().split() == [str(env.store_path("p1"))]
+    # Inside the run (isolation standard) corral's state dir is an empty tmpfs: the refresh
+    # token is in no file the run can read, its own uid's 0600 store included.
+    assert (out / "same-uid").read_text().split() == []
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", "sh", "-c", other],
+                   check=True)
     assert (out / "other-id").read_text().strip() == str(NOBODY)
     readable = (out / "other-readable").read_text().split()
     assert str(env.dirs.config / "config.toml") in readable and any("/runs/" in f for f in readable)

@@ -12,6 +12,8 @@ from pathlib import Path
 from conftest import CORRAL as CORRAL_ARGV, CorralCLI, alive, kill_pids
 
 # Every process it starts appends its pid to $M: setsid, double fork, nohup, and main.
+# --isolation none: the payload reports its own pids, which a PID namespace would renumber
+HOST_PIDS = ("--isolation", "none")
 SPAWNER = ('setsid sleep 1000 & echo $! >> "$M"; (sleep 1001 & echo $! >> "$M"); '
            'nohup sleep 1002 >/dev/null 2>&1 & echo $! >> "$M"; echo $$ >> "$M"; sleep 1003')
 
@@ -36,7 +38,7 @@ def test_owner_sigkill_tears_down_the_run_20_trials(corral: CorralCLI, tmp_path:
     for trial in range(20):
         marker = tmp_path / f"m{trial}"
         corral.env["M"] = str(marker)
-        owner = corral.popen("run", agent, "--", "sh", "-c", SPAWNER, stdout=subprocess.DEVNULL)
+        owner = corral.popen("run", *HOST_PIDS, agent, "--", "sh", "-c", SPAWNER, stdout=subprocess.DEVNULL)
         pids = _pids(marker, 4, corral)
         owner.kill()
         owner.wait()
@@ -49,7 +51,7 @@ def test_watchdog_sigkill_tears_down_the_run(corral: CorralCLI, tmp_path: Path) 
     agent = corral.agent()
     marker = tmp_path / "m"
     corral.env["M"] = str(marker)
-    owner = corral.popen("run", agent, "--", "sh", "-c", SPAWNER, stdout=subprocess.DEVNULL)
+    owner = corral.popen("run", *HOST_PIDS, agent, "--", "sh", "-c", SPAWNER, stdout=subprocess.DEVNULL)
     pids = _pids(marker, 4, corral)
     (run,) = corral.json("ps", "--json")
     info = corral.show(run["id"])
@@ -65,7 +67,7 @@ def test_detached_owner_sigkill_tears_down_the_run(corral: CorralCLI, tmp_path: 
     agent = corral.agent()
     marker = tmp_path / "m"
     corral.env["M"] = str(marker)
-    run_id = corral.detach(agent, "sh", "-c", SPAWNER)
+    run_id = corral.detach(agent, "sh", "-c", SPAWNER, opts=HOST_PIDS)
     pids = _pids(marker, 4, corral)
     info = corral.show(run_id)
     (owner,) = [p["pid"] for p in info["processes"] if p["role"] == "corral" and "corral-watchdog" not in p["argv"]]
@@ -79,7 +81,7 @@ def test_detached_timeout_ends_everything_with_124(corral: CorralCLI, tmp_path: 
     marker = tmp_path / "m"
     corral.env["M"] = str(marker)
     t0 = time.monotonic()
-    run_id = corral.detach(agent, "sh", "-c", SPAWNER.replace("sleep 1003", "sleep 100"), opts=("--timeout", "2s"))
+    run_id = corral.detach(agent, "sh", "-c", SPAWNER.replace("sleep 1003", "sleep 100"), opts=("--timeout", "2s", *HOST_PIDS))
     pids = _pids(marker, 4, corral)
     assert corral("wait", run_id, timeout=30).returncode == 124
     assert alive(pids) == []

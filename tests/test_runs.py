@@ -15,6 +15,9 @@ from conftest import CorralCLI, alive, kill_pids
 DETACHING = "setsid sleep 1000 & (sleep 1001 &); nohup sleep 1002 >/dev/null 2>&1 & sleep 1003"
 
 
+# --isolation none: the payload reports its own pids, which a PID namespace would renumber
+HOST_PIDS = ("--isolation", "none")
+
 def _run_pids(corral: CorralCLI, run_id: str, want: int) -> list[int]:
     """Wait until the run's payload holds *want* processes; return every pid of the run."""
     def ready():  # type: ignore[no-untyped-def]
@@ -79,7 +82,7 @@ def test_detached_children_are_contained_and_killed(corral: CorralCLI) -> None:
 def test_attached_run_leftovers_are_killed_and_counted(corral: CorralCLI) -> None:
     agent = corral.agent()
     marker = f"/tmp/{agent}.pids"
-    proc = corral("run", agent, "--", "sh", "-c",
+    proc = corral("run", *HOST_PIDS, agent, "--", "sh", "-c",
                   f"setsid sleep 1000 & echo $! > {marker}; (sleep 1001 & echo $! >> {marker}); echo main-done")
     assert proc.returncode == 0, proc.stderr
     assert "main-done" in proc.stdout
@@ -182,7 +185,7 @@ def test_timeout_ends_whole_run_with_124(corral: CorralCLI) -> None:
     agent = corral.agent()
     marker = f"/tmp/{agent}.pid"
     t0 = time.monotonic()
-    proc = corral("run", "--timeout", "1s", agent, "--", "sh", "-c", f"setsid sleep 100 & echo $! > {marker}; sleep 100")
+    proc = corral("run", "--timeout", "1s", *HOST_PIDS, agent, "--", "sh", "-c", f"setsid sleep 100 & echo $! > {marker}; sleep 100")
     elapsed = time.monotonic() - t0
     assert proc.returncode == 124, proc.stderr
     assert elapsed < 10
@@ -196,7 +199,7 @@ def test_timeout_ends_whole_run_with_124(corral: CorralCLI) -> None:
 def test_killing_the_attached_owner_kills_the_run(corral: CorralCLI, tmp_path: Path) -> None:
     agent = corral.agent()
     marker = tmp_path / "pids"
-    owner = corral.popen("run", agent, "--", "sh", "-c",
+    owner = corral.popen("run", *HOST_PIDS, agent, "--", "sh", "-c",
                          f"setsid sleep 1000 & echo $! >> {marker}; (sleep 1001 & echo $! >> {marker}); "
                          f"echo $$ >> {marker}; sleep 1002", stdout=subprocess.DEVNULL)
     corral.wait_for(lambda: marker.exists() and len(marker.read_text().split()) == 3, what="run started")
@@ -331,7 +334,7 @@ def test_a_process_that_left_the_cgroup_is_reported(corral: CorralCLI, tmp_path:
     try:
         run_id = corral.detach(agent, "sh", "-c",
                                f"sh -c 'echo $$ > {elsewhere}/cgroup.procs; echo $$ > {pidfile}; exec sleep 1000' & "
-                               "sleep 1000")
+                               "sleep 1000", opts=("--isolation", "none"))  # an escape needs no isolation
         corral.wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="escapee")
         escapee = int(pidfile.read_text())
         proc = corral("kill", run_id)

@@ -93,13 +93,14 @@ for round_ in range(cfg.get("rounds", 1)):  # round 2+: arrive again right after
 RUN_HOLDER = r"""
 import json, os, sys, time
 from corral import Corral, Dirs, Lease, RunSpec
+from corral.isolation import Isolation
 agent, key, m1, m2 = sys.argv[1:5]
 dirs = Dirs.from_env()
 lease = Lease.acquire(dirs, agent, key, timeout=10)
 script = 'setsid sleep 300 & echo $! > "$M1"; (sleep 301 & echo $! > "$M2"); exit 0'
 with Corral(dirs=dirs) as c:
     run = c.run(RunSpec(agent=agent, argv=("sh", "-c", script), env={"M1": m1, "M2": m2},
-                        keep_leftovers=True), detach=True)
+                        keep_leftovers=True, isolation=Isolation("none")), detach=True)  # host pids in M1/M2
 lease.update_holder(run_id=run.id, cgroup=str(run.cgroup.path), main_pid=run.record.main_pid)
 deadline = time.monotonic() + 10
 while not all(os.path.exists(m) and open(m).read().strip() for m in (m1, m2)):

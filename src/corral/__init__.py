@@ -15,12 +15,12 @@ _WHERE = {
     "Corral": "core", "Run": "core", "RunView": "core",
     "AgentConfig": "config", "ConfigStore": "config", "Settings": "config",
     "ConfigBusy": "configfile", "ConfigParseError": "configfile",
-    "Dirs": "paths", "RunRecord": "records", "Limits": "spec", "RunSpec": "spec", "Outcome": "supervise",
+    "Dirs": "paths", "RunRecord": "records", "Limits": "spec", "RunSpec": "spec", "Isolation": "isolation", "Outcome": "supervise",
     "HolderInfo": "sessions", "Lease": "sessions", "SessionInfo": "sessions", "Waiting": "sessions",
     "list_sessions": "sessions",
     **{name: "errors" for name in (
         "AgentNotFound", "AuthBusy", "AuthError", "BackendError", "Busy", "ConfigError", "CorralError", "InvalidName",
-        "NoBackend", "NotFound", "PermissionDenied", "ProfileNotFound", "RunNotFound", "SessionBusy", "SignInAgain",
+        "IsolationUnavailable", "NoBackend", "NotFound", "PermissionDenied", "ProfileNotFound", "RunNotFound", "SessionBusy", "SignInAgain",
         "SpawnError", "TeardownIncomplete", "UsageError")},
 }
 
@@ -45,8 +45,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .configfile import ConfigBusy, ConfigParseError
     from .core import Corral, Run, RunView
     from .errors import (AgentNotFound, AuthBusy, AuthError, BackendError, Busy, ConfigError, CorralError,
-                         InvalidName, NoBackend, NotFound, PermissionDenied, ProfileNotFound, RunNotFound,
+                         InvalidName, IsolationUnavailable, NoBackend, NotFound, PermissionDenied, ProfileNotFound, RunNotFound,
                          SessionBusy, SignInAgain, SpawnError, TeardownIncomplete, UsageError)
+    from .isolation import Isolation
     from .paths import Dirs
     from .records import RunRecord
     from .sessions import HolderInfo, Lease, SessionInfo, Waiting, list_sessions

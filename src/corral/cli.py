@@ -77,11 +77,17 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 @click.option("--memory-high", metavar="SIZE", help="Memory throttling threshold, e.g. 1G.")
 @click.option("--cpu-quota", metavar="PCT", help="CPU quota in percent of one CPU, e.g. 150%.")
 @click.option("--tasks-max", metavar="N", help="Most processes/threads the run may have.")
+@click.option("--isolation", type=click.Choice(["none", "standard", "strict"]), default=None,
+              help="The boundary around the run (default: the agent's, else standard). none: containment only.")
+@click.option("--network", type=click.Choice(["host", "loopback", "none"]), default=None,
+              help="host (default), loopback (own network namespace with lo only), or none.")
+@click.option("--user", metavar="NAME", help="As root: run as NAME (default: the workspace's owner).")
 @pass_ctx
 def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str | None,
         lock_timeout: float | None, timeout: str | None, grace: float, keep_leftovers: bool, no_wait: bool,
         auth: str | None, cwd: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
-        memory_high: str | None, cpu_quota: str | None, tasks_max: str | None) -> None:
+        memory_high: str | None, cpu_quota: str | None, tasks_max: str | None, isolation: str | None,
+        network: str | None, user: str | None) -> None:
     """Run COMMAND for AGENT in its own cgroup: corral run AGENT [OPTIONS] -- CMD [ARG...]
 
     A configured agent (corral agents add) gives the workspace, env, limits, auth and
@@ -95,7 +101,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
         c.corral.dirs, agent, argv=command, cwd=cwd, env=parse_env_pairs(env_pairs), auth=auth,
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
         session=session, lock_timeout=lock_timeout, timeout=timeout, grace=grace, keep_leftovers=keep_leftovers,
-        wait_for_slot=not no_wait,
+        wait_for_slot=not no_wait, isolation=isolation, network=network, user=user,
     )
     if profile is not None:
         spec = _with_auth(c, spec, profile)
@@ -202,6 +208,14 @@ def show(c: Ctx, run_ref: str, as_json: bool) -> None:
         click.echo("processes:")
         for p in data["processes"]:
             click.echo(f"  {p['pid']:>7} {p['ppid'] or '-':>7} {p['role']:6} {_oneline(p['argv'])[:100]}")
+    iso = view.record.isolation
+    if iso:
+        who = f"uid {iso.get('uid')}" + (f" ({iso['user']})" if iso.get("user") else "")
+        if iso.get("root"):
+            who += f": {iso['root']}"
+        click.echo(f"{'isolation:':18}{iso.get('level')}, network {iso.get('network')}, {who}")
+        for layer in iso.get("layers") or []:
+            click.echo(f"{'':18}- {layer}")
     for line in data["inspect"]:
         click.echo(f"inspect:          {line}")
 
@@ -357,6 +371,8 @@ def doctor(c: Ctx, as_json: bool) -> None:
             for m in b["missing"]:
                 click.echo(f"  missing: {m}")
         click.echo(f"chosen: {report['chosen'] or 'none'}")
+        for level, entry in report["isolation"]["levels"].items():
+            click.echo(f"isolation {level}: {'usable' if entry['usable'] else 'not usable'} ({entry['reason']})")
         for k, v in report["dirs"].items():
             click.echo(f"{k} dir: {v}")
     if not report["chosen"]:

@@ -37,6 +37,7 @@ import tomlkit
 from .config_values import (
     AGENT_KEYS,
     DEFAULT_KEYS,
+    ISOLATION_KEYS,
     LIMIT_KEYS,
     SETTABLE_KEYS,
     apply_changes,
@@ -64,6 +65,12 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     max_runs: int | None = None
     auth: str | None = None
+    isolation: str | None = None  # none | standard | strict
+    network: str | None = None  # host | loopback | none
+    user: str | None = None  # who a root-started run executes as
+    env_passthrough: tuple[str, ...] | None = None
+    rw_paths: tuple[str, ...] | None = None
+    home_ro: tuple[str, ...] | None = None
     worktree: Worktree | None = None
 
     def with_defaults(self, settings: "Settings") -> "AgentConfig":
@@ -71,14 +78,15 @@ class AgentConfig:
         d = settings.defaults
         limits = Limits(**{k: getattr(self.limits, k) if getattr(self.limits, k) is not None else getattr(d.limits, k)
                            for k in LIMIT_KEYS})
-        return replace(self, env={**d.env, **self.env}, limits=limits,
-                       max_runs=self.max_runs if self.max_runs is not None else d.max_runs,
-                       auth=self.auth if self.auth is not None else d.auth)
+        own = {k: getattr(self, k) if getattr(self, k) is not None else getattr(d, k)
+               for k in ("max_runs", "auth", *ISOLATION_KEYS)}
+        return replace(self, env={**d.env, **self.env}, limits=limits, **own)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "workspace": self.workspace,
                 "command": list(self.command) if self.command else None, "env": dict(self.env), **self.limits.__dict__,
                 "max_runs": self.max_runs, "auth": self.auth,
+                **{k: list(v) if isinstance(v, tuple) else v for k in ISOLATION_KEYS for v in [getattr(self, k)]},
                 "worktree": self.worktree.to_toml() if self.worktree else None}
 
 
@@ -88,6 +96,12 @@ class Defaults:
     limits: Limits = field(default_factory=Limits)
     max_runs: int | None = None
     auth: str | None = None
+    isolation: str | None = None
+    network: str | None = None
+    user: str | None = None
+    env_passthrough: tuple[str, ...] | None = None
+    rw_paths: tuple[str, ...] | None = None
+    home_ro: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

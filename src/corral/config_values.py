@@ -22,8 +22,9 @@ from .units import parse_percent, parse_positive_int, parse_size
 from .worktree import Worktree
 
 LIMIT_KEYS = ("memory_max", "memory_high", "cpu_quota", "tasks_max")
-AGENT_KEYS = ("workspace", "command", "env", *LIMIT_KEYS, "max_runs", "auth", "worktree")
-DEFAULT_KEYS = ("env", *LIMIT_KEYS, "max_runs", "auth")  # [corral.defaults]
+ISOLATION_KEYS = ("isolation", "network", "user", "env_passthrough", "rw_paths", "home_ro")
+AGENT_KEYS = ("workspace", "command", "env", *LIMIT_KEYS, "max_runs", "auth", *ISOLATION_KEYS, "worktree")
+DEFAULT_KEYS = ("env", *LIMIT_KEYS, "max_runs", "auth", *ISOLATION_KEYS)  # [corral.defaults]
 SETTABLE_KEYS = tuple(k for k in AGENT_KEYS if k != "worktree")  # `agents set KEY=VALUE`
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -98,9 +99,25 @@ def normalize(key: str, value: Any, *, cwd: str | None = None) -> Any:
         if not os.path.isdir(path):
             raise UsageError(f"workspace {path} does not exist or is not a directory")
         return path
+    if key in ISOLATION_KEYS:
+        return _isolation_value(key, value)
     if key == "worktree" and isinstance(value, Worktree):
         return value.to_toml()
     raise UsageError(f"unknown setting {key!r}", hint=f"known: {', '.join(SETTABLE_KEYS)}")
+
+
+def _isolation_value(key: str, value: Any) -> Any:
+    from .isolation import parse_level, parse_names, parse_network, parse_user
+
+    if key == "isolation":
+        return parse_level(value)
+    if key == "network":
+        return parse_network(value)
+    if key == "user":
+        return parse_user(value)
+    if isinstance(value, str):  # `agents set NAME rw_paths=/a,/b`
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    return list(parse_names(value, key.replace("_", " ")))
 
 
 def normalize_changes(changes: Mapping[str, Any], *, allowed: Iterable[str] = AGENT_KEYS,
@@ -139,6 +156,10 @@ def parse_entry(table: Mapping[str, Any], keys: tuple[str, ...], where: str, pat
             out["workspace"] = table["workspace"]
         if "command" in table:
             out["command"] = parse_command(table["command"])
+        for key in ISOLATION_KEYS:
+            if key in table:
+                value = _isolation_value(key, table[key])
+                out[key] = tuple(value) if isinstance(value, list) else value
         if "worktree" in table:
             if not isinstance(table["worktree"], Mapping):
                 raise UsageError("worktree must be a table")

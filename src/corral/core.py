@@ -66,6 +66,8 @@ class RunView:
             "cwd": r.cwd,
             "detached": r.detached,
             "adopted": r.adopted,
+            "problem": r.problem,
+            "isolation": r.isolation or None,
         }
 
 
@@ -179,8 +181,13 @@ class Corral:
         """Live ``corral-*`` scopes with no record: found again by name (re-adoption)."""
         out: dict[str, RunRecord] = {}
         for scope in self.backend.live_scopes():
-            if self.store.path(scope.run_id).exists():
-                continue
+            path = self.store.path(scope.run_id)
+            if path.exists():
+                if self.store.load(scope.run_id) is not None:
+                    continue
+                problem = f"record {path} is unreadable"
+            else:
+                problem = "no record (started by another corral or its record was removed)"
             pids = sorted(scope.cgroup.pids())
             argv: list[str] = []
             if pids:
@@ -192,7 +199,7 @@ class Corral:
             out[scope.run_id] = RunRecord(
                 id=scope.run_id, agent=scope.agent, argv=argv, cwd="", backend=self.backend.name,
                 unit=self.backend.unit_name(scope.agent, scope.run_id), cgroup=str(scope.cgroup.path),
-                state="running", main_pid=pids[0] if pids else None, adopted=True,
+                state="unknown", main_pid=pids[0] if pids else None, adopted=True, problem=problem,
             )
         return out
 
@@ -231,8 +238,14 @@ class Corral:
         cg = CgroupDir(Path(record.cgroup))
         ev = _payload_of(record).events()
         usage = self.backend.usage(cg)
-        state = "paused" if ev.frozen else (record.state if record.state in ("starting", "draining") else "running")
-        return RunView(record, state, usage.pids, usage.memory_bytes, usage.cpu_usec, usage.memory_source)
+        state = "paused" if ev.frozen else (record.state if record.state in ("starting", "draining", "unknown")
+                                            else "running")
+        pids = usage.pids
+        if pids and (record.isolation or {}).get("level") not in (None, "none"):
+            from .isolation import sandbox_pids
+
+            pids -= len(sandbox_pids(_payload_of(record).pids()))  # count the command's, not bwrap's
+        return RunView(record, state, pids, usage.memory_bytes, usage.cpu_usec, usage.memory_source)
 
     def ps(self, *, all: bool = False) -> list[RunView]:
         """Live runs (and, with *all*, ended ones), oldest first. Includes re-adopted scopes."""
@@ -269,6 +282,14 @@ class Corral:
                 entry = {"pid": pid, "ppid": None, "argv": []}
             entry["role"] = roles[pid]
             out.append(entry)
+        if (run.record.isolation or {}).get("level") not in (None, "none"):
+            # main is bwrap; its child is the namespace's init; the init's child is the command
+            inits = {e["pid"] for e in out if e["ppid"] == run.record.main_pid}
+            for e in out:
+                if e["pid"] == run.record.main_pid or e["pid"] in inits:
+                    e["role"] = "sandbox"
+                elif e["ppid"] in inits:
+                    e["role"] = "main"
         return out
 
     def targets(self, target: str | None, *, all_runs: bool = False) -> list[RunRecord]:

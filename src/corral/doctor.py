@@ -8,6 +8,7 @@ from typing import Any
 
 from .backends import detect, probe_all
 from .errors import NoBackend
+from .isolation import probe as probe_isolation
 from .paths import Dirs
 
 
@@ -27,5 +28,6 @@ def diagnose(preferred: str | None = None) -> dict[str, Any]:
         "error": error,
         "uid": os.geteuid(),
         "backends": [asdict(p) for p in probes],
+        "isolation": probe_isolation(),
         "dirs": {"config": str(dirs.config), "state": str(dirs.state), "runtime": str(dirs.runtime)},
     }

@@ -58,6 +58,12 @@ class NoBackend(CorralError, RuntimeError):
     exit_code = 69
 
 
+class IsolationUnavailable(CorralError, RuntimeError):
+    """The requested isolation level cannot be built here (no bubblewrap, no namespaces)."""
+
+    exit_code = 69
+
+
 class Busy(CorralError, TimeoutError):
     """A lease or a slot was not granted in time."""
 

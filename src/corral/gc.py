@@ -43,6 +43,8 @@ def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
     record = corral.store.load(run_id)
     if record is not None and record.owner_pid:
         return owner_alive(record.owner_pid, record.owner_start)
+    if record is None and corral.store.path(run_id).exists():
+        return False  # a record we cannot read names no owner we could verify (pid + start time)
     for pid in scope.supervisor.pids():
         try:
             stat = open(f"/proc/{pid}/stat", "rb").read()
@@ -61,7 +63,10 @@ def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcRepo
         if cg.events().populated:
             if _owner_alive(corral, scope.run_id, cg):
                 continue
-            pids = len(cg.payload.pids() if cg.payload.exists() else cg.pids())
+            from .isolation import sandbox_pids
+
+            members = cg.payload.pids() if cg.payload.exists() else cg.pids()
+            pids = len(members) - len(sandbox_pids(members))  # the command's, not bwrap's
             backend.teardown(cg)
             record = corral.store.load(scope.run_id)
             if record is not None and not record.ended:

@@ -23,6 +23,7 @@ from .supervise import (Owner, block_forwarded_signals, set_child_subreaper, unb
 
 if TYPE_CHECKING:
     from .core import Corral
+    from .isolation import Sandbox
     from .sessions import Lease
 
 DESCRIPTION_MAX = 200
@@ -63,13 +64,17 @@ def _new_record(corral: "Corral", spec: RunSpec, *, detach: bool) -> RunRecord:
         limits={"requested": spec.limits.requested()},
     )
 
-def _env(spec: RunSpec, record: RunRecord) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(spec.env)
-    env["CORRAL_RUN_ID"] = record.id
-    env["CORRAL_AGENT"] = record.agent
-    env["CORRAL_UNIT"] = record.unit
-    return env
+def _sandbox(corral: "Corral", spec: RunSpec, record: RunRecord) -> "Sandbox":
+    """The run's isolation, planned before the fork (errors surface here, not in the child)."""
+    from .isolation import plan
+
+    dirs = corral.dirs
+    corral_env = {"CORRAL_RUN_ID": record.id, "CORRAL_AGENT": record.agent, "CORRAL_UNIT": record.unit}
+    hidden = (str(dirs.config), str(dirs.state), str(dirs.runtime), *spec.hidden_paths)
+    socket = spec.env.get("CORRAL_AUTH_SOCKET")
+    return plan(spec.isolation, agent=spec.agent, argv=spec.argv, cwd=record.cwd, env=spec.env,
+                corral_env=corral_env, hidden=hidden, bind_back=(socket,) if socket else (),
+                state_dir=str(dirs.state))
 
 def _take_leases(corral: "Corral", spec: RunSpec, on_wait: Callable[[object], None] | None) -> list["Lease"]:
     """The session lease, then a slot under the agent's cap, taken before the run exists:
@@ -134,7 +139,8 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
         set_child_subreaper()
     started = False
     try:
-        main, watchdog, wd_fd = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2), join_supervisor=True)
+        main, watchdog, wd_fd, sandbox = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2),
+                                                    join_supervisor=True)
         try:
             limits = backend.adopt(
                 spec.agent, record.id, [main.pid, watchdog.pid],
@@ -167,12 +173,13 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
         helper_pids=[watchdog.pid],
         started_at=now_iso(),
         limits={"requested": spec.limits.requested(), "effective": limits},
+        isolation=sandbox.describe(),
     )
     corral.store.save(record)
     owner = Owner(
         backend=backend, store=corral.store, record=record, cgroup=cgroup, main_pid=main.pid,
         watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=False,
-        reap_orphans=reap_orphans, keep_leftovers=spec.keep_leftovers,
+        reap_orphans=reap_orphans, keep_leftovers=spec.keep_leftovers, sandboxed=sandbox.active,
     )
     return record, owner
 
@@ -190,15 +197,17 @@ def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: Cgrou
             join=(lambda: join(supervisor)) if join_supervisor else None, new_session=True,
         )
         try:
-            main = fork_held(spec.argv, env=_env(spec, record), cwd=record.cwd, stdio=stdio,
-                             join=lambda: join(payload), hide=spec.hidden_paths)
+            sandbox = _sandbox(corral, spec, record)
+            main = fork_held(spec.argv, env=sandbox.env, cwd=record.cwd, stdio=stdio, join=lambda: join(payload),
+                             hide=() if sandbox.active else spec.hidden_paths, sandbox=sandbox,
+                             new_session=sandbox.active)
         except BaseException:
             watchdog.abort()
             raise
     finally:
         os.close(wd_r)
         os.close(devnull)
-    return main, watchdog, wd_w
+    return main, watchdog, wd_w, sandbox
 
 def start_detached(corral: "Corral", spec: RunSpec, *, on_wait: Callable[[object], None] | None = None) -> RunRecord:
     """Start *spec* owned by a small process in the run's own scope; return once it runs.
@@ -295,7 +304,8 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
     set_child_subreaper()
     try:
         # The watchdog inherits supervisor/ from us; main joins payload/.
-        main, watchdog, wd_fd = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2), join_supervisor=False)
+        main, watchdog, wd_fd, sandbox = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2),
+                                                    join_supervisor=False)
         watchdog.release()
         main.release()
     except CorralError as err:
@@ -307,7 +317,7 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
     running = record.replace(
         state="running", main_pid=main.pid, owner_pid=os.getpid(), owner_start=process_start(os.getpid()),
         helper_pids=[os.getpid(), watchdog.pid], started_at=now_iso(),
-        limits={"requested": spec.limits.requested(), "effective": limits},
+        limits={"requested": spec.limits.requested(), "effective": limits}, isolation=sandbox.describe(),
     )
     for lease in leases:
         lease.update_holder(owner_pid=os.getpid(), main_pid=main.pid)
@@ -317,7 +327,7 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
     owner = Owner(
         backend=corral.backend, store=corral.store, record=running, cgroup=cgroup, main_pid=main.pid,
         watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=True,
-        reap_orphans=True, keep_leftovers=spec.keep_leftovers,
+        reap_orphans=True, keep_leftovers=spec.keep_leftovers, sandboxed=sandbox.active,
     )
     owner.leases = leases
     owner.wait(handle_signals=True)

@@ -53,7 +53,9 @@ class RunRecord:
     timeout: float | None = None
     log: str | None = None
     limits: dict[str, Any] = field(default_factory=dict)
-    adopted: bool = False  # found live by name, with no record of ours
+    isolation: dict[str, Any] = field(default_factory=dict)  # what was in effect (Sandbox.describe)
+    adopted: bool = False  # found live by name, with no (usable) record of ours
+    problem: str | None = None  # why an adopted run has no usable record
 
     @property
     def ended(self) -> bool:
@@ -64,11 +66,37 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunRecord":
+        """Raises ValueError for anything that is not a record this version can use: a run
+        writes its own record file, so a listing must survive whatever it finds there."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            record = cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(record, name)
+            if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+                raise ValueError(f"field {name!r} has the wrong type ({type(value).__name__})")
+        if not is_run_id(record.id) or not all(isinstance(a, str) for a in record.argv):
+            raise ValueError("bad id or argv")
+        return record
 
     def replace(self, **changes: Any) -> "RunRecord":
         return dataclasses.replace(self, **changes)
+
+
+_OPT_INT = (int, type(None))
+_OPT_STR = (str, type(None))
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "agent": (str,), "argv": (list,), "cwd": (str,), "backend": (str,), "unit": (str,),
+    "cgroup": (str,), "state": (str,), "detached": (bool,), "session": _OPT_STR, "main_pid": _OPT_INT,
+    "owner_pid": _OPT_INT, "owner_start": (int, float, type(None)), "helper_pids": (list,), "started_at": _OPT_STR,
+    "ended_at": _OPT_STR, "exit_code": _OPT_INT, "signal": _OPT_INT, "ended_by": _OPT_STR,
+    "leftovers_killed": _OPT_INT, "timeout": (int, float, type(None)), "log": _OPT_STR, "limits": (dict,),
+    "isolation": (dict,), "adopted": (bool,), "problem": _OPT_STR,
+}
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
@@ -132,11 +160,11 @@ class RecordStore:
     def load(self, run_id: str) -> RunRecord | None:
         try:
             data = json.loads(self.path(run_id).read_bytes())
+            return RunRecord.from_json(data)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None  # unreadable or foreign: treated as absent, never fatal
-        return RunRecord.from_json(data)
 
     def all(self) -> Iterator[RunRecord]:
         try:

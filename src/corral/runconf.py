@@ -11,11 +11,27 @@ from typing import Any, Mapping, Sequence
 from .errors import UsageError
 from .names import validate_agent
 from .paths import Dirs
+from .isolation import Isolation
 from .spec import Limits, RunSpec
+
+
+def _isolation_fields(conf: Any, asked: Mapping[str, str | None]) -> dict[str, Any]:
+    """Flags over the agent's config over ``[corral.defaults]`` (already merged into conf)."""
+    out: dict[str, Any] = {}
+    for field, key in (("level", "isolation"), ("network", "network"), ("user", "user")):
+        value = asked[field] if asked[field] is not None else getattr(conf, key, None)
+        if value is not None:
+            out[field] = value
+    for key in ("env_passthrough", "rw_paths", "home_ro"):
+        value = getattr(conf, key, None)
+        if value is not None:
+            out[key] = tuple(value)
+    return out
 
 
 def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | None = None,
                 env: Mapping[str, str] | None = None, limits: Limits | None = None, auth: str | None = None,
+                isolation: str | None = None, network: str | None = None, user: str | None = None,
                 **spec_fields: Any) -> tuple[RunSpec, str | None]:
     """What ``corral run AGENT`` runs: the agent's config (if it has an entry; any valid
     name may be used ad hoc), then ``[corral.defaults]``, then the caller's flags on top.
@@ -23,15 +39,18 @@ def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | 
     Returns the spec and the auth profile to use (resolved by the caller, which knows
     whether a broker is up)."""
     validate_agent(agent)
-    conf = None
+    conf = defaults = None
     if (dirs.config / "config.toml").exists():  # no file: an ad hoc agent, and no tomlkit to load
         from .config import load_run_config
 
         conf, settings = load_run_config(dirs, agent)
+        defaults = settings.defaults  # isolation defaults hold for ad hoc agents too
         budget = settings.budget
         if budget.requested():
             spec_fields["budget"] = budget
     flags = limits or Limits()
+    asked = {"level": isolation, "network": network, "user": user}
+    spec_fields["isolation"] = Isolation(**_isolation_fields(conf if conf is not None else defaults, asked))
     if conf is None:
         if not argv:
             raise UsageError(f"no command given, and {agent!r} is not a configured agent with a default command",

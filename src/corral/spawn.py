@@ -11,10 +11,16 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from .errors import SpawnError
 
+if TYPE_CHECKING:
+    from .isolation import Sandbox
+
+# Ignored by the outer bwrap of a sandboxed run: they are meant for the command, to which
+# the owner forwards them (bwrap would die of them and SIGKILL the namespace).
+SHIELDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
 _RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGPIPE,
                   signal.SIGXFSZ)
 
@@ -96,6 +102,7 @@ def _child(
     err_w: int,
     new_session: bool,
     hide: Sequence[str] = (),
+    sandbox: "Sandbox | None" = None,
 ) -> None:
     """Runs in the forked child; never returns."""
     try:
@@ -114,6 +121,14 @@ def _child(
             except OSError as err:
                 os.write(err_w, f"{err.errno}:hide".encode())
                 os._exit(126)
+        if sandbox is not None:
+            # Out of the cgroup's reach first (joining needed the caller's rights), then
+            # the caller's identity; bwrap then builds the namespaces as that identity.
+            sandbox.identity.become()
+            if sandbox.active:
+                argv = sandbox.argv()
+                for name in SHIELDED_SIGNALS:
+                    signal.signal(getattr(signal, name), signal.SIG_IGN)
         for target, fd in enumerate(stdio):
             if fd != target:
                 os.dup2(fd, target)
@@ -122,8 +137,13 @@ def _child(
         if cwd:
             os.chdir(cwd)
         # Close everything else; err_w is close-on-exec so it reports only a failed exec.
-        os.closerange(3, err_w)
-        os.closerange(err_w + 1, 65536)
+        # A sandbox may hand bwrap one more fd (its seccomp filter).
+        keep = sorted({err_w, sandbox.keep_fd if sandbox is not None else -1} - {-1})
+        start = 3
+        for fd in keep:
+            os.closerange(start, fd)
+            start = fd + 1
+        os.closerange(start, 65536)
         os.execvpe(argv[0], list(argv), dict(env))
     except OSError as err:
         try:
@@ -144,15 +164,17 @@ def fork_held(
     join: Callable[[], None] | None = None,
     new_session: bool = False,
     hide: Sequence[str] = (),
+    sandbox: "Sandbox | None" = None,
 ) -> HeldChild:
-    """Fork a child that waits for ``release()``, runs *join* (if any), then execs."""
+    """Fork a child that waits for ``release()``, runs *join* (if any), then execs *argv*,
+    or, with an active *sandbox*, bwrap around it (as the sandbox's identity)."""
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(gate_w)
         os.close(err_r)
-        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session, hide)
+        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session, hide, sandbox)
     os.close(gate_r)
     os.close(err_w)
     return HeldChild(pid=pid, argv=argv, _gate_w=gate_w, _err_r=err_r)

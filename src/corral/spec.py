@@ -8,6 +8,7 @@ from typing import Any
 from .names import validate_agent
 from .units import parse_duration, parse_percent, parse_positive_int, parse_size
 from .errors import UsageError
+from .isolation import Isolation
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class RunSpec:
     hidden_paths: tuple[str, ...] = ()  # directories the run must not see (the auth store)
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
     keep_leftovers: bool = False  # let processes main left behind end on their own
+    isolation: Isolation = field(default_factory=Isolation)  # the boundary around the run
 
     def __post_init__(self) -> None:
         validate_agent(self.agent)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .records import RecordStore
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+JOB_CONTROL = (signal.SIGTSTP, signal.SIGCONT, signal.SIGWINCH)
 
 # sh: ignore terminal and stop signals (the owner decides), wait for "done" or EOF.
 WATCHDOG_SCRIPT = (  # $1 is the scope's cgroup.kill
@@ -92,6 +93,7 @@ class Owner:
         in_cgroup: bool,
         reap_orphans: bool = False,
         keep_leftovers: bool = False,
+        sandboxed: bool = False,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -106,6 +108,10 @@ class Owner:
         self.in_cgroup = in_cgroup  # a detached owner lives in its own run's scope
         self.reap_orphans = reap_orphans  # we are a child subreaper: orphans come to us
         self.keep_leftovers = keep_leftovers  # let what main left behind end on its own
+        # main is bwrap: signals go to the command inside (bwrap ignores them), and a
+        # command killed by signal N comes back as exit status 128+N.
+        self.sandboxed = sandboxed
+        self._command_pid: int | None = None
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
         self.leases: list = []  # session leases held for the run, released once it is torn down
@@ -122,6 +128,8 @@ class Owner:
         old_handlers: dict[int, object] = {}
         received: list[int] = []
         listen = list(FORWARDED) if handle_signals else []
+        if handle_signals and self.sandboxed:
+            listen += JOB_CONTROL  # the command has no terminal of ours: we relay these
         if self.reap_orphans:
             listen.append(signal.SIGCHLD)
         if listen:
@@ -159,6 +167,9 @@ class Owner:
                         if sig == signal.SIGCHLD:
                             self._reap_orphans()
                             continue
+                        if sig in JOB_CONTROL:
+                            self._job_control(sig)
+                            continue
                         self._forward(sig)
                         if grace_at is None:
                             grace_at = now + self.grace
@@ -193,9 +204,12 @@ class Owner:
 
     def _finish(self, status: int, ended_by: str) -> Outcome:
         exit_code, sig = exit_code_of(status)
+        if self.sandboxed and exit_code is not None and 128 < exit_code <= 128 + signal.SIGRTMAX:
+            # bwrap passes "killed by N" on as 128+N, as a shell does; record it as the signal.
+            exit_code, sig = None, exit_code - 128
         if self.keep_leftovers and ended_by == "exited" and self.payload.events().populated:
             self._drain(exit_code, sig)
-        leftovers = len(self.payload.pids())
+        leftovers = len(self._leftovers())
         self.backend.teardown(self.payload)
         if self.reap_orphans:
             self._reap_orphans()
@@ -224,6 +238,16 @@ class Owner:
         self.backend.release(self.record.agent, self.record.id, self.cgroup)
         self._release_leases()
         return self.outcome
+
+    def _leftovers(self) -> list[int]:
+        """What main left in the payload, not counting the sandbox's own init."""
+        pids = self.payload.pids()
+        if self.sandboxed and pids:
+            from .isolation import sandbox_pids
+
+            helpers = set(sandbox_pids(pids))
+            pids = [p for p in pids if p not in helpers]
+        return pids
 
     def _release_leases(self) -> None:
         """Only now: the run's processes are gone, so the next holder may start."""
@@ -280,12 +304,62 @@ class Owner:
                 return
 
     def _forward(self, sig: int) -> None:
-        if sig == signal.SIGINT and _tty_delivered():
+        if self.sandboxed:
+            # The command has its own session: the terminal's Ctrl-C reached only us.
+            target = self._sandboxed_command()
+        elif sig == signal.SIGINT and _tty_delivered():
             return  # the terminal already sent it to the whole foreground group, main included
+        else:
+            target = self.main_pid
         try:
-            os.kill(self.main_pid, sig)
+            os.kill(target, sig)
         except ProcessLookupError:
             pass
+
+    def _job_control(self, sig: int) -> None:
+        """A sandboxed run is in its own session, so the terminal's Ctrl-Z and resizes reach
+        only us. Ctrl-Z: stop the run's process group, then ourselves, as a shell expects of
+        a foreground job; on ``fg`` (SIGCONT) continue it. A resize: tell the command."""
+        if sig == signal.SIGWINCH:
+            self._signal_command(signal.SIGWINCH)
+            return
+        if sig == signal.SIGTSTP:
+            self._signal_group(signal.SIGTSTP)
+            os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell continues us
+        self._signal_group(signal.SIGCONT)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.main_pid, sig)  # the gate child's setsid made main the group leader
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._signal_command(sig)  # in case it made itself a group of its own
+
+    def _signal_command(self, sig: int) -> None:
+        try:
+            os.kill(self._sandboxed_command(), sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _sandboxed_command(self) -> int:
+        """The command's pid (as we see it): the child of bwrap's pid-1 init, which is the
+        child of main. While bwrap is still setting up, wait a moment for it."""
+        if self._command_pid is not None:
+            return self._command_pid
+        deadline = time.monotonic() + 1.0
+        while True:
+            pid = self.main_pid
+            for _depth in range(2):
+                kids = _children(pid)
+                if not kids:
+                    break
+                pid = kids[0]
+            else:
+                self._command_pid = pid
+                return pid
+            if time.monotonic() > deadline:
+                return self.main_pid  # bwrap ignores it; the grace deadline ends the run
+            time.sleep(0.002)
 
     @staticmethod
     def _reap(pid: int, nohang: bool = False) -> int:
@@ -345,6 +419,14 @@ def _drain(fd: int) -> None:
     except OSError as err:
         if err.errno != errno.EAGAIN:
             raise
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _tty_delivered() -> bool:
