@@ -15,6 +15,10 @@ Scenarios (cgroupfs backend on this host's cgroup v2 mount):
   fuzz    hypothesis-generated agent names and limit/env/timeout values through the CLI
           and the library: valid -> exit 0, invalid -> exit 2 and nothing created
   load    500 detached runs: `ps` sees them all, `kill --all` ends them all
+  hostile 200 isolated runs each trying 2-5 random attacks (leave the cgroup, freeze or
+          kill cgroups, signal the owner, read the token store/config/records, overwrite
+          its record, unmount, nested namespaces, the user bus, daemons, the caller's env),
+          then `corral kill`: 0 survivors, 0 secrets read, 0 ghosts
 
 Everything runs in private XDG dirs under one temp dir and in a private cgroup subtree
 (``CORRAL_CGROUP_ROOT``): `corral ps`, `gc` and `kill --all` look at every corral scope
@@ -64,7 +68,7 @@ from corral.paths import Dirs  # noqa: E402
 
 CORRAL = [sys.executable, "-m", "corral.cli"]
 LIVE_STATES = ("starting", "running", "paused", "draining")
-SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load")
+SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile")
 
 # Every process it starts writes its own pid to $M: setsid, double-forked, nohup'd, and main.
 _SELF = 'echo $$ >> "$M"; exec sleep 1000'
@@ -187,12 +191,21 @@ def read_pids(marker: Path) -> list[int]:
         return []
 
 
-def wait_pids(marker: Path, n: int, timeout: float, proc: subprocess.Popen | None = None) -> list[int] | None:
+def host_pids_with(entry: bytes) -> list[int]:
+    """Processes whose environment holds *entry*: the run's processes as this PID namespace
+    numbers them (a sandboxed payload writes its own namespace's pids into the marker)."""
+    me = os.getpid()
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != me and _environ_has(int(e), entry)
+            and _state(int(e)) not in (None, "Z", "X")]
+
+
+def wait_pids(marker: Path, n: int, timeout: float, proc: subprocess.Popen | None = None,
+              entry: bytes | None = None) -> list[int] | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = read_pids(marker)
         if len(pids) >= n:
-            return pids
+            return host_pids_with(entry) if entry is not None else pids
         if proc is not None and proc.poll() is not None:
             return None
         time.sleep(0.005)
@@ -293,6 +306,13 @@ class Harness:
             path.mkdir(parents=True, exist_ok=True)
             env[var] = str(path)
         return env
+
+    @staticmethod
+    def pass_env(env: dict[str, str], *names: str) -> None:
+        """Let *names* through the runs' environment allowlist (isolation standard)."""
+        config = Path(env["XDG_CONFIG_HOME"]) / "corral"
+        config.mkdir(parents=True, exist_ok=True)
+        (config / "config.toml").write_text(f"[corral.defaults]\nenv_passthrough = {json.dumps(list(names))}\n")
 
     @staticmethod
     def dirs(env: dict[str, str]) -> Dirs:
@@ -399,6 +419,7 @@ class Harness:
 def scenario_owner(h: Harness, scale: float) -> list[Result]:
     rng = h.rng("owner")
     env = h.env("owner")
+    h.pass_env(env, "M", "STRESS_TAG")
     att, det = Result("1a owner SIGKILL: attached `corral run`"), Result("1b owner SIGKILL: detached run's owner")
     n_att, n_det = max(1, round(100 * scale)), max(3, round(25 * scale))
     markers = h.tmp / "owner" / "markers"
@@ -420,7 +441,7 @@ def scenario_owner(h: Harness, scale: float) -> list[Result]:
         marker = markers / f"a{trial}"
         entry = f"M={marker}".encode()
         proc = h.popen(dict(env, M=str(marker)), "run", a_agent, "--", "sh", "-c", SPAWNER)
-        pids = wait_pids(marker, SPAWNER_PIDS, 30, proc)
+        pids = wait_pids(marker, SPAWNER_PIDS, 30, proc, entry)
         if pids is None:
             sigkill(proc)
             proc.wait()
@@ -446,7 +467,7 @@ def scenario_owner(h: Harness, scale: float) -> list[Result]:
             det.fail(f"trial {trial}: corral run --detach exited {out.returncode}: {tail(out.stderr)}")
             continue
         run_id = out.stdout.strip()
-        pids = wait_pids(marker, SPAWNER_PIDS, 30)
+        pids = wait_pids(marker, SPAWNER_PIDS, 30, entry=entry)
         if pids is None:
             det.fail(f"trial {trial}: run {run_id}: its {SPAWNER_PIDS} processes did not appear")
             continue
@@ -504,6 +525,7 @@ def _owner_alive_of(h: Harness, env: dict[str, str], run_id: str, scope: Path) -
 def scenario_crash(h: Harness, scale: float) -> list[Result]:
     rng = h.rng("crash")
     env = h.env("crash")
+    h.pass_env(env, "M", "STRESS_TAG")
     res = Result("2 crash at random points of `corral run`")
     total = max(2, round(100 * scale))
     batch = min(25, total)
@@ -560,7 +582,7 @@ def scenario_crash(h: Harness, scale: float) -> list[Result]:
         if still:
             res.lose(f"{agent}: {len(still)} cgroup(s) still populated after corral kill: {sorted(still)}",
                      count=len(still))
-        escaped = alive_with(read_pids(marker), entry)
+        escaped = alive_with(host_pids_with(entry), entry)
         if escaped:
             res.lose(f"{agent}: {len(escaped)} process(es) of the runs alive after gc and kill: {escaped}",
                      count=len(escaped))
@@ -1059,11 +1081,138 @@ def scenario_load(h: Harness, scale: float) -> list[Result]:
     return [res]
 
 
+# --- 7. hostile payload ---------------------------------------------------------------------
+
+# Attacks an LLM-written payload may try (issue 11), as sh. $ROOT is the cgroup2 mount,
+# $SLICES corral.slice, $SCOPE the run's own scope, $STATE/$CONFIG corral's dirs.
+ATTACKS = {
+    "escape": 'for f in $ROOT/cgroup.procs $SLICES/cgroup.procs $SCOPE/supervisor/cgroup.procs; do '
+              'echo $$ > $f 2>/dev/null && echo "HIT escape $f"; done',
+    "freeze": 'for f in $SCOPE/supervisor/cgroup.freeze $SCOPE/cgroup.freeze; do '
+              'echo 1 > $f 2>/dev/null && echo "HIT freeze $f"; done',
+    "kill-cgroup": 'echo 1 > $SLICES/cgroup.kill 2>/dev/null && echo "HIT kill"',
+    # SIGSTOP every owner (`corral run`) and watchdog of our tree it can see. The names are
+    # put together at run time so that the payload's own command line does not match them.
+    "stop-owner": 'W=corral-watch; W=${W}dog; C=corral.cl; C=${C}i; for p in /proc/[0-9]*; do q=${p#/proc/}; '
+                  'tr "\\0" " " < $p/cmdline 2>/dev/null | grep -q "$TAG" || continue; '
+                  'tr "\\0" " " < $p/cmdline 2>/dev/null | grep -q -e "$W" -e "$C" || continue; '
+                  'kill -STOP $q 2>/dev/null && echo "HIT stopped $q"; done',
+    "signal-all": 'kill -STOP -1 2>/dev/null; n=$(ls /proc | grep -c "^[0-9]"); [ "$n" -gt 12 ] && echo "HIT sees $n"',
+    "read-secrets": 'cat $STATE/auth/* $CONFIG/config.toml $STATE/runs/*.json 2>/dev/null',
+    "grep-secrets": 'grep -rh "$NEEDLE_HINT" $STATE $CONFIG /run 2>/dev/null | head -3',
+    "ghost": 'echo "{garbage" > $STATE/runs/$CORRAL_RUN_ID.json 2>/dev/null && echo "HIT ghost"',
+    "unmount": 'umount $STATE 2>/dev/null && echo "HIT umount"; mount -t tmpfs none /mnt 2>/dev/null && echo "HIT mount"',
+    "nested-ns": "unshare -UrmC sh -c 'mount -t cgroup2 none /mnt && echo $$ > /mnt/cgroup.procs && "
+                 "cat /proc/self/cgroup' 2>/dev/null | grep -v '^0::/$' | grep . && echo 'HIT nested'",
+    "bus": 'systemd-run --user --scope true 2>/dev/null && echo "HIT bus"',
+    "daemons": '(setsid sleep 1000 &); nohup sleep 1001 >/dev/null 2>&1 & (sh -c "sleep 1002 &" &)',
+    "env": 'env | grep -q HOSTILE_CALLER_SECRET && echo "HIT env"',
+}
+
+
+def scenario_hostile(h: Harness, scale: float) -> list[Result]:
+    """Random attacks from inside isolated runs: nothing escapes, nothing is read, no ghost."""
+    rng = h.rng("hostile")
+    env = h.env("hostile")
+    res = Result("7 hostile payload (isolation standard)")
+    trials = max(20, round(200 * scale))
+    secret = "rt-" + os.urandom(12).hex()
+    dirs = h.dirs(env)
+    (dirs.state / "auth").mkdir(parents=True, exist_ok=True)
+    (dirs.state / "auth" / "p1.json").write_text(json.dumps({"refresh_token": secret}))
+    dirs.config.mkdir(parents=True, exist_ok=True)
+    # STRESS_ISOLATION=none shows the "before" column: the same attacks on containment only.
+    level = os.environ.get("STRESS_ISOLATION", "standard")
+    res.name = f"7 hostile payload (isolation {level})"
+    (dirs.config / "config.toml").write_text(f"# {secret}\n[corral.defaults]\nenv_passthrough = [\"STRESS_TAG\"]\n"
+                                             f"isolation = \"{level}\"\n")
+    env = dict(env, HOSTILE_CALLER_SECRET=secret)
+    mount = find_cgroup2_mount()
+    slices = h.cg_root / "corral.slice"
+    counts: Counter[str] = Counter()
+    survivors = secrets_read = ghosts = 0
+    progress(f"hostile: {trials} runs, each 2-5 random attacks of {len(ATTACKS)}, then `corral kill`")
+    for trial in range(trials):
+        res.trials += 1
+        agent = h.agent("ho")
+        picked = rng.sample(sorted(set(ATTACKS) - {"signal-all"}), rng.randint(2, 5))
+        if level != "none" and rng.random() < 0.3:
+            picked.append("signal-all")  # only where a PID namespace bounds it: as root, -1 is the host
+        counts.update(picked)
+        res.faults += len(picked)
+        marker = h.tmp / "hostile" / f"{agent}.done"
+        script = (f"ROOT={mount}; SLICES={slices}; SCOPE=$SLICES/corral-{agent}.slice/corral-{agent}-$CORRAL_RUN_ID.scope; "
+                  f"STATE={dirs.state}; CONFIG={dirs.config}; NEEDLE_HINT={secret[:3]}; TAG=corral-stress-{h.tag}; "
+                  + "; ".join(ATTACKS[a] for a in picked) + f"; echo attacked > {marker}; sleep 1000 & sleep 1000")
+        detach = rng.random() < 0.5
+        out_text = ""
+        if detach:
+            try:
+                proc = h.cli(env, "run", "--detach", agent, "--", "sh", "-c", script, timeout=30)
+            except subprocess.TimeoutExpired:  # a frozen supervisor leaf hangs the launch (isolation none)
+                res.fail(f"trial {trial} ({', '.join(picked)}): run --detach hung for 30 s")
+                h.cli(env, "kill", agent)
+                continue
+            if proc.returncode != 0:
+                res.fail(f"trial {trial}: run --detach exited {proc.returncode}: {tail(proc.stderr)}")
+                continue
+            run_id = proc.stdout.strip()
+            log = dirs.state / "runs" / f"{run_id}.log"
+        else:
+            popen = h.popen(env, "run", agent, "--", "sh", "-c", script, capture=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not marker.exists():
+            time.sleep(0.01)
+        # Every live scope of the agent must be listed (no ghost), whatever the payload did.
+        listed_ids = set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            listed_ids = {r["id"] for r in h.json(env, "ps", "--json") if r["agent"] == agent}
+            if listed_ids:
+                break
+            time.sleep(0.02)
+        if not detach:
+            time.sleep(rng.uniform(0, 0.3))
+        populated = h.populated_scopes(agent)
+        unlisted = set(populated) - listed_ids
+        if unlisted:
+            ghosts += len(unlisted)
+            res.lose(f"trial {trial} ({', '.join(picked)}): live scope(s) {sorted(unlisted)} not listed by ps")
+        kill = h.cli(env, "kill", agent)
+        if kill.returncode != 0:
+            res.fail(f"trial {trial} ({', '.join(picked)}): kill exited {kill.returncode}: {tail(kill.stderr)}")
+        if detach:
+            out_text = log.read_text() if log.exists() else ""
+        else:
+            try:
+                out_text, _err = popen.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                sigkill(popen)
+                out_text, _err = popen.communicate()
+                res.fail(f"trial {trial}: attached corral run did not return after kill")
+        still = h.populated_scopes(agent)
+        escaped = host_pids_with(f"CORRAL_AGENT={agent}".encode())
+        if still or escaped:
+            survivors += len(escaped) + len(still)
+            res.lose(f"trial {trial} ({', '.join(picked)}): after kill: populated {sorted(still)}, alive {escaped}")
+            kill_pids(escaped)
+        if secret in out_text:
+            secrets_read += 1
+            res.lose(f"trial {trial} ({', '.join(picked)}): the payload printed the secret")
+        hits = [line for line in out_text.splitlines() if line.startswith("HIT")]
+        if hits:
+            res.fail(f"trial {trial}: attack succeeded: {hits[:3]}")
+    res.notes.append(f"attacks tried: {dict(sorted(counts.items()))}; survivors {survivors}, secrets read "
+                     f"{secrets_read}, ghosts {ghosts}")
+    h.cli(env, "gc", "--json")
+    return [res]
+
+
 # --- main ---------------------------------------------------------------------------------
 
 RUNNERS: dict[str, Callable[[Harness, float], list[Result]]] = {
     "owner": scenario_owner, "crash": scenario_crash, "config": scenario_config, "token": scenario_token,
-    "fuzz": scenario_fuzz, "load": scenario_load,
+    "fuzz": scenario_fuzz, "load": scenario_load, "hostile": scenario_hostile,
 }
 
 
