@@ -237,43 +237,104 @@ def test_root_runs_as_user_or_workspace_owner(corral: CorralCLI) -> None:
     assert corral("run", "--user", "no-such-user-x", agent, "--", "true").returncode == 2
 
 
-def test_attached_run_on_a_terminal_cannot_type_into_it(corral: CorralCLI) -> None:
-    agent = corral.agent()
-    probe = ("import fcntl, termios, sys\n"
-             "try:\n    fcntl.ioctl(0, termios.TIOCSTI, b'X'); print('INJECTED')\n"
-             "except OSError as e:\n    print('refused', e.errno)\n"
-             "import os; print('tty', os.isatty(0), os.isatty(1))\n")
-    master, slave = pty.openpty()
+class Terminal:
+    """A pty standing in for the user's terminal, with corral as its foreground job."""
 
-    def own_terminal() -> None:  # the caller's shell: corral runs in the terminal's session
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    def __init__(self, corral: CorralCLI, *args: str, rows: int = 33, cols: int = 101) -> None:
+        import struct
 
-    p = subprocess.Popen([*CORRAL, "run", agent, "--", "python3", "-c", probe], env=corral.env, stdin=slave,
-                         stdout=slave, stderr=slave, preexec_fn=own_terminal)
-    try:
-        assert p.wait(timeout=60) == 0
-        time.sleep(0.1)
-        output = b""
-        while True:
-            import select
+        self.master, self.slave = pty.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.output = b""
 
-            if not select.select([master], [], [], 0.2)[0]:
-                break
+        def own_terminal() -> None:  # the caller's shell: corral runs in the terminal's session
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen([*CORRAL, *args], env=corral.env, stdin=self.slave, stdout=self.slave,
+                                     stderr=self.slave, preexec_fn=own_terminal)
+
+    def read_until(self, needle: bytes, timeout: float = 30) -> bytes:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while needle not in self.output and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    self.output += os.read(self.master, 4096)
+                except OSError:
+                    break
+        assert needle in self.output, self.output
+        return self.output
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def finish(self, timeout: float = 30) -> int:
+        import select
+
+        code = self.proc.wait(timeout=timeout)
+        while select.select([self.master], [], [], 0.2)[0]:  # what corral relayed before it exited
             try:
-                output += os.read(master, 4096)
+                self.output += os.read(self.master, 4096)
             except OSError:
                 break
-        assert b"refused" in output and b"INJECTED" not in output, output
-        assert b"tty True True" in output, output
-        # nothing queued in the terminal's input for the caller's shell to read later
-        pending = fcntl.ioctl(slave, termios.FIONREAD, b"\0\0\0\0")
-        assert int.from_bytes(pending, "little") == 0
+        return code
+
+    def pending_input(self) -> int:
+        """Bytes queued in the terminal's input: what the caller's shell would read next."""
+        return int.from_bytes(fcntl.ioctl(self.slave, termios.FIONREAD, b"\0\0\0\0"), "little")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_attached_run_on_a_terminal_cannot_type_into_it(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    probe = ("import fcntl, termios, os\n"
+             "try:\n    fcntl.ioctl(0, termios.TIOCSTI, b'X'); print('queued into', os.ttyname(0))\n"
+             "except OSError as e:\n    print('refused', e.errno)\n"
+             "print('tty', os.isatty(0), os.isatty(1), os.ttyname(0))\n")
+    term = Terminal(corral, "run", agent, "--", "python3", "-c", probe)
+    try:
+        assert term.finish() == 0
+        out = term.read_until(b"tty True True")
+        # The run is on a terminal, but its own: whatever it queued went to itself.
+        assert os.ttyname(term.slave).encode() not in out.split(b"tty True True", 1)[1], out
+        time.sleep(0.1)
+        assert term.pending_input() == 0  # nothing for the caller's shell to run after corral
+        # and corral gave the terminal back in the mode it found it
+        assert termios.tcgetattr(term.slave)[3] & termios.ICANON
     finally:
-        if p.poll() is None:
-            p.kill()
-        os.close(master)
-        os.close(slave)
+        term.close()
+
+
+def test_terminal_relay_keys_size_input_and_exit_status(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    script = ("stty size; read line; echo \"got $line\"; "
+              "trap 'echo got-int; exit 9' INT; echo ready; while :; do sleep 0.05; done")
+    term = Terminal(corral, "run", agent, "--", "sh", "-c", script, rows=33, cols=101)
+    try:
+        term.read_until(b"33 101")
+        term.type(b"hello\r")
+        term.read_until(b"got hello")
+        term.read_until(b"ready")
+        term.type(b"\x03")  # Ctrl-C on the user's terminal
+        assert term.finish() == 9
+        assert b"got-int" in term.output
+    finally:
+        term.close()
+    term = Terminal(corral, "run", agent, "--", "sh", "-c", "exit 7")
+    try:
+        assert term.finish() == 7
+    finally:
+        term.close()
+    shown = corral("show", corral.json("ps", "--all", "--json")[-1]["id"])
+    assert "own pty" in shown.stdout, shown.stdout
 
 
 def test_a_run_with_a_garbage_record_is_listed_and_killable(corral: CorralCLI) -> None:

@@ -105,7 +105,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
     )
     if profile is not None:
         spec = _with_auth(c, spec, profile)
-    handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach,
+    handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach, terminal=not detach,
                           on_wait=lambda w: click.echo(f"corral: waiting: {w}", err=True))
     if detach:
         click.echo(handle.id)

@@ -149,20 +149,22 @@ class Corral:
     # --- starting runs ----------------------------------------------------------------
 
     def run(self, spec: RunSpec, *, detach: bool = False, reap_orphans: bool = False, hold_signals: bool = False,
-            on_wait: Callable[[object], None] | None = None) -> Run:
+            terminal: bool = False, on_wait: Callable[[object], None] | None = None) -> Run:
         """Start *spec* in its own cgroup.
 
         Attached (default): this process owns the run; call ``Run.wait()``. With
         *reap_orphans* this process becomes a child subreaper and reaps what the run
         orphans (the CLI does; a library caller with children of its own may not want it).
-        Detached: a small owner process in the run's own scope owns it.
+        Detached: a small owner process in the run's own scope owns it. *terminal*: an
+        isolated attached run started from a terminal gets its own pty, relayed by
+        ``Run.wait(handle_signals=True)`` (the CLI).
         """
         from .launch import start_attached, start_detached
 
         if detach:
             return Run(self, start_detached(self, spec, on_wait=on_wait))
         record, owner = start_attached(self, spec, reap_orphans=reap_orphans, hold_signals=hold_signals,
-                                       on_wait=on_wait)
+                                       terminal=terminal, on_wait=on_wait)
         return Run(self, record, owner)
 
     # --- finding runs -----------------------------------------------------------------

@@ -183,23 +183,24 @@ class Sandbox:
     def active(self) -> bool:
         return self.level != "none"
 
-    def describe(self) -> dict[str, Any]:
-        """For the run record and ``corral show``."""
+    def describe(self, *, terminal: bool = False) -> dict[str, Any]:
+        """For the run record and ``corral show``. *terminal*: it got its own relayed pty."""
         ident = self.identity
         uid = ident.uid if ident.uid is not None else os.geteuid()
         root_note = None
         if uid == 0:
             root_note = "uid 0 with no capabilities" if self.active else "full root (no isolation)"
         return {"level": self.level, "network": self.network, "uid": uid, "user": ident.name, "root": root_note,
-                "layers": self.layers(), "notes": list(self.notes)}
+                "layers": self.layers(terminal=terminal), "notes": list(self.notes)}
 
-    def layers(self) -> list[str]:
+    def layers(self, *, terminal: bool = False) -> list[str]:
         if not self.active:
             return ["containment only: the run shares the caller's namespaces, environment and identity"]
         out = ["pid namespace: sees only its own processes",
                "mount namespace: corral's config, state and runtime dirs hidden; cgroup fs read-only; "
                "bus sockets unreachable",
-               "new session, no controlling terminal of the caller's",
+               "new session on its own pty, relayed by corral" if terminal
+               else "new session, no controlling terminal of the caller's",
                "no_new_privs, no capabilities",
                "environment allowlist"]
         if self.level == "strict":

@@ -106,11 +106,13 @@ def _release_all(leases: list["Lease"]) -> None:
 
 
 def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = False, hold_signals: bool = False,
-                   on_wait: Callable[[object], None] | None = None) -> tuple[RunRecord, Owner]:
+                   terminal: bool = False, on_wait: Callable[[object], None] | None = None) -> tuple[RunRecord, Owner]:
     """Start *spec* owned by this process: the caller waits on the returned Owner.
 
     *hold_signals*: block Ctrl-C & co. from just before the fork until ``Owner.wait``
     listens (the CLI), so a signal in that window reaches the command, not corral.
+    *terminal*: a sandboxed run started from a terminal gets its own pty, relayed by the
+    owner (terminal.py), instead of the caller's terminal.
     """
     leases = _take_leases(corral, spec, on_wait)
     try:
@@ -120,7 +122,7 @@ def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = Fals
         corral.store.save(record)
         if hold_signals:
             block_forwarded_signals()
-        record, owner = _start_attached(corral, spec, record, reap_orphans=reap_orphans)
+        record, owner = _start_attached(corral, spec, record, reap_orphans=reap_orphans, terminal=terminal)
     except BaseException:
         if hold_signals:
             unblock_forwarded_signals()
@@ -132,15 +134,16 @@ def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = Fals
     return record, owner
 
 
-def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_orphans: bool) -> tuple[RunRecord, Owner]:
+def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_orphans: bool,
+                    terminal: bool) -> tuple[RunRecord, Owner]:
     backend = corral.backend
     cgroup = backend.prepare(spec.agent, record.id, spec.limits)
     if reap_orphans:
         set_child_subreaper()
     started = False
     try:
-        main, watchdog, wd_fd, sandbox = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2),
-                                                    join_supervisor=True)
+        main, watchdog, wd_fd, sandbox, relay = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2),
+                                                           join_supervisor=True, terminal=terminal)
         try:
             limits = backend.adopt(
                 spec.agent, record.id, [main.pid, watchdog.pid],
@@ -152,6 +155,8 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
             main.abort()
             watchdog.abort()
             os.close(wd_fd)
+            if relay is not None:
+                relay.close()
             raise
         try:
             main.release()
@@ -159,7 +164,11 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
             os.close(wd_fd)  # the watchdog sees EOF and kills the scope
             backend.teardown(cgroup)
             Owner._reap(watchdog.pid)
+            if relay is not None:
+                relay.close()
             raise
+        if relay is not None:
+            relay.close_slave()
         started = True
     finally:
         if not started:
@@ -173,20 +182,21 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
         helper_pids=[watchdog.pid],
         started_at=now_iso(),
         limits={"requested": spec.limits.requested(), "effective": limits},
-        isolation=sandbox.describe(),
+        isolation=sandbox.describe(terminal=relay is not None),
     )
     corral.store.save(record)
     owner = Owner(
         backend=backend, store=corral.store, record=record, cgroup=cgroup, main_pid=main.pid,
         watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=False,
-        reap_orphans=reap_orphans, keep_leftovers=spec.keep_leftovers, sandboxed=sandbox.active,
+        reap_orphans=reap_orphans, keep_leftovers=spec.keep_leftovers, sandboxed=sandbox.active, terminal=relay,
     )
     return record, owner
 
 def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: CgroupDir, *, stdio: tuple[int, int, int],
-               join_supervisor: bool):  # type: ignore[no-untyped-def]
+               join_supervisor: bool, terminal: bool = False):  # type: ignore[no-untyped-def]
     """Fork the watchdog (into ``supervisor/``) and the main command (into ``payload/``),
-    both held at the gate until the caller has placed them in the unit."""
+    both held at the gate until the caller has placed them in the unit. With *terminal*,
+    a sandboxed command on a terminal gets a pty of its own (returned as the relay)."""
     wd_r, wd_w = os.pipe2(os.O_CLOEXEC)
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     supervisor, payload = str(cgroup.supervisor.path), str(cgroup.payload.path)
@@ -196,18 +206,27 @@ def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: Cgrou
             env={"PATH": "/usr/bin:/bin"}, cwd="/", stdio=(wd_r, devnull, devnull),
             join=(lambda: join(supervisor)) if join_supervisor else None, new_session=True,
         )
+        relay = None
         try:
             sandbox = _sandbox(corral, spec, record)
+            if terminal and sandbox.active:
+                from .terminal import PtyRelay, wants_pty
+
+                if wants_pty():
+                    relay = PtyRelay()
+                    stdio = relay.stdio()
             main = fork_held(spec.argv, env=sandbox.env, cwd=record.cwd, stdio=stdio, join=lambda: join(payload),
                              hide=() if sandbox.active else spec.hidden_paths, sandbox=sandbox,
-                             new_session=sandbox.active)
+                             new_session=sandbox.active, ctty=relay is not None)
         except BaseException:
             watchdog.abort()
+            if relay is not None:
+                relay.close()
             raise
     finally:
         os.close(wd_r)
         os.close(devnull)
-    return main, watchdog, wd_w, sandbox
+    return main, watchdog, wd_w, sandbox, relay
 
 def start_detached(corral: "Corral", spec: RunSpec, *, on_wait: Callable[[object], None] | None = None) -> RunRecord:
     """Start *spec* owned by a small process in the run's own scope; return once it runs.
@@ -304,8 +323,8 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
     set_child_subreaper()
     try:
         # The watchdog inherits supervisor/ from us; main joins payload/.
-        main, watchdog, wd_fd, sandbox = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2),
-                                                    join_supervisor=False)
+        main, watchdog, wd_fd, sandbox, _relay = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2),
+                                                            join_supervisor=False)
         watchdog.release()
         main.release()
     except CorralError as err:

@@ -103,6 +103,7 @@ def _child(
     new_session: bool,
     hide: Sequence[str] = (),
     sandbox: "Sandbox | None" = None,
+    ctty: bool = False,
 ) -> None:
     """Runs in the forked child; never returns."""
     try:
@@ -134,6 +135,11 @@ def _child(
                 os.dup2(fd, target)
             else:
                 os.set_inheritable(fd, True)
+        if ctty:  # the run's own pty (terminal.py): its controlling terminal, not the caller's
+            import fcntl
+            import termios
+
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if cwd:
             os.chdir(cwd)
         # Close everything else; err_w is close-on-exec so it reports only a failed exec.
@@ -165,16 +171,18 @@ def fork_held(
     new_session: bool = False,
     hide: Sequence[str] = (),
     sandbox: "Sandbox | None" = None,
+    ctty: bool = False,
 ) -> HeldChild:
     """Fork a child that waits for ``release()``, runs *join* (if any), then execs *argv*,
-    or, with an active *sandbox*, bwrap around it (as the sandbox's identity)."""
+    or, with an active *sandbox*, bwrap around it (as the sandbox's identity). *ctty*: make
+    stdin (a pty slave) the controlling terminal of the child's new session."""
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(gate_w)
         os.close(err_r)
-        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session, hide, sandbox)
+        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session, hide, sandbox, ctty)
     os.close(gate_r)
     os.close(err_w)
     return HeldChild(pid=pid, argv=argv, _gate_w=gate_w, _err_r=err_r)

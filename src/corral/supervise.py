@@ -29,6 +29,7 @@ from .spawn import exit_code_of
 if TYPE_CHECKING:
     from .backends import Backend
     from .records import RecordStore
+    from .terminal import PtyRelay
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 JOB_CONTROL = (signal.SIGTSTP, signal.SIGCONT, signal.SIGWINCH)
@@ -94,6 +95,7 @@ class Owner:
         reap_orphans: bool = False,
         keep_leftovers: bool = False,
         sandboxed: bool = False,
+        terminal: "PtyRelay | None" = None,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -111,6 +113,7 @@ class Owner:
         # main is bwrap: signals go to the command inside (bwrap ignores them), and a
         # command killed by signal N comes back as exit status 128+N.
         self.sandboxed = sandboxed
+        self.terminal = terminal  # the run's own pty, relayed while we wait (terminal.py)
         self._command_pid: int | None = None
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
@@ -145,6 +148,11 @@ class Owner:
         poller.register(wd_fd, select.POLLIN)
         if wake_r >= 0:
             poller.register(wake_r, select.POLLIN)
+        pty = self.terminal
+        if pty is not None:
+            pty.enter()
+            poller.register(pty.master, select.POLLIN)
+            poller.register(0, select.POLLIN)
 
         status: int | None = None
         ended_by = "exited"
@@ -158,6 +166,8 @@ class Owner:
                 wait_ms = min(max(0.0, min(deadlines) - now), 3600.0) * 1000 if deadlines else None
                 events = dict(poller.poll(wait_ms))
                 now = time.monotonic()
+                if pty is not None:
+                    self._pump(pty, poller, events)
                 if main_fd in events:
                     status = self._reap(self.main_pid)
                     break
@@ -169,6 +179,9 @@ class Owner:
                             continue
                         if sig in JOB_CONTROL:
                             self._job_control(sig)
+                            continue
+                        if pty is not None and sig in (signal.SIGINT, signal.SIGQUIT):
+                            pty.key(sig)  # a key, as on a terminal: no grace deadline
                             continue
                         self._forward(sig)
                         if grace_at is None:
@@ -194,6 +207,9 @@ class Owner:
         finally:
             os.close(main_fd)
             os.close(wd_fd)
+            if pty is not None:
+                pty.close()
+                self.terminal = None
             if listen:
                 for sig, handler in old_handlers.items():
                     signal.signal(sig, handler)  # type: ignore[arg-type]
@@ -201,6 +217,18 @@ class Owner:
                 os.close(wake_r)
                 os.close(wake_w)
         return self._finish(status, ended_by)
+
+    @staticmethod
+    def _pump(pty: "PtyRelay", poller: select.poll, events: dict[int, int]) -> None:
+        """Bytes between the caller's terminal and the run's pty."""
+        if events.get(pty.master):
+            pty.on_master()
+            if not pty.master_open:
+                poller.unregister(pty.master)
+        if events.get(0):
+            pty.on_stdin()
+            if not pty.stdin_open:
+                poller.unregister(0)
 
     def _finish(self, status: int, ended_by: str) -> Outcome:
         exit_code, sig = exit_code_of(status)
@@ -320,12 +348,24 @@ class Owner:
         """A sandboxed run is in its own session, so the terminal's Ctrl-Z and resizes reach
         only us. Ctrl-Z: stop the run's process group, then ourselves, as a shell expects of
         a foreground job; on ``fg`` (SIGCONT) continue it. A resize: tell the command."""
+        pty = self.terminal
         if sig == signal.SIGWINCH:
-            self._signal_command(signal.SIGWINCH)
+            if pty is not None:
+                pty.resize()  # the kernel tells the run's foreground job
+            else:
+                self._signal_command(signal.SIGWINCH)
             return
         if sig == signal.SIGTSTP:
-            self._signal_group(signal.SIGTSTP)
+            if pty is not None:
+                pty.signal_foreground(signal.SIGTSTP)  # what Ctrl-Z does to it on its terminal
+                pty.leave()  # the shell gets its terminal back as it gave it to us
+            else:
+                self._signal_group(signal.SIGTSTP)
             os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell continues us
+        if pty is not None:
+            pty.enter()
+            pty.resize()
+            pty.signal_foreground(signal.SIGCONT)
         self._signal_group(signal.SIGCONT)
 
     def _signal_group(self, sig: int) -> None:
