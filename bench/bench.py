@@ -43,6 +43,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _pss_kib(pid: int) -> int:
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return int(next(line for line in rollup.splitlines() if line.startswith("Pss:")).split()[1])
+
+
 def median_ms(fn: Callable[[], object], n: int) -> float:
     times = []
     for _ in range(n):
@@ -291,16 +299,40 @@ class Bench:
         for pid in run.cgroup.supervisor.pids():
             status = Path(f"/proc/{pid}/status").read_text()
             rss += int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1])
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            pss += int(next(l for l in rollup.splitlines() if l.startswith("Pss:")).split()[1])
+            pss += _pss_kib(pid)
         run.kill()
         self.row("per detached run: corral's RSS (owner+watchdog)", rss / 1024, "PSS", pss / 1024, unit="MiB")
+
+    def isolation_levels(self) -> None:
+        """What each isolation level costs a launch and a run's memory, against ``none``."""
+        from corral import Isolation
+
+        lib: dict[str, float] = {}
+        cli: dict[str, float] = {}
+        mem: dict[str, float] = {}
+        for level in ("none", "standard", "strict"):
+            spec = RunSpec(agent="benchiso", argv=("true",), isolation=Isolation(level))
+            lib[level] = median_ms(lambda: self.corral.run(spec).wait(), self.n)
+            cli[level] = median_ms(lambda: self.cli("run", "--isolation", level, "benchiso", "--", "true"), self.n)
+            run = self.corral.run(RunSpec(agent="benchiso", argv=("sleep", "1000"), isolation=Isolation(level)),
+                                  detach=True)
+            time.sleep(0.3)
+            # corral's own processes: owner and watchdog, plus bwrap and its init where sandboxed
+            ours = set(run.cgroup.supervisor.pids())
+            ours |= {p["pid"] for p in self.corral.processes(run.id) if p["role"] == "sandbox"}
+            mem[level] = sum(_pss_kib(pid) for pid in ours) / 1024
+            run.kill()
+        for level in ("standard", "strict"):
+            self.row(f"isolation {level}: library launch+wait", lib[level], "isolation none", lib["none"])
+            self.row(f"isolation {level}: CLI run A -- true", cli[level], "isolation none", cli["none"])
+            self.row(f"isolation {level}: corral's PSS per detached run", mem[level], "isolation none", mem["none"],
+                     unit="MiB")
 
     def cleanup(self) -> None:
         # corral's own teardown and release: kill, verify empty, remove what the backend made
         backend = self.corral.backend
         for scope in backend.live_scopes():
-            if scope.agent in ("benchcli", "benchlib", "benchkill", "benchps", "benchmem"):
+            if scope.agent in ("benchcli", "benchlib", "benchkill", "benchps", "benchmem", "benchiso"):
                 backend.teardown(scope.cgroup)
                 backend.release(scope.agent, scope.run_id, scope.cgroup)
         raw = backend.slice_dir() / "corral-benchraw.slice"  # _raw_cgroupfs's own cgroups, not runs
@@ -343,6 +375,7 @@ def main() -> int:
         if not args.quick:
             b.ps_many(500)
         b.overhead()
+        b.isolation_levels()
         if args.backend == "cgroupfs":  # backend-independent rows: once
             b.agents_add()
             b.token_at_expiry()
