@@ -120,13 +120,11 @@ def main() -> int:
         attack = (f"cat {store}/* 2>&1 | head -1; ls {store} 2>&1; echo $$ > {cgroup2}/cgroup.procs; "
                   "echo \"processes I can see: $(ls /proc | grep -c '^[0-9]')\"; sleep 1000 & setsid sleep 1001 &")
         hostile = corral("run", agents[1], "--", "sh", "-c", attack, env=env, check=False)
-        print(hostile.stderr.rstrip())
         tokens = [t for f in store.glob("*.json") if (t := json.loads(f.read_text()).get("refresh_token"))]
-        secret_files = tokens
         leaked = any(t in hostile.stdout + hostile.stderr for t in tokens)
-        print(f"token store files with a refresh token: {len(secret_files)}; seen by the agent: "
+        print(f"token store files with a refresh token: {len(tokens)}; seen by the agent: "
               f"{'YES' if leaked else 'none'}; its exit status {hostile.returncode}")
-        if leaked or not secret_files:
+        if leaked or not tokens:
             print("demo FAILED: the agent read the token store")
             return 1
 
