@@ -364,21 +364,25 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default=os.environ.get("CORRAL_BACKEND", "cgroupfs"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["isolation"], help="just one group of rows")
     args = ap.parse_args()
     b = Bench(args.backend, args.quick)
     print(f"corral bench, backend {args.backend}", file=sys.stderr, flush=True)
     try:
-        b.launch_cli()
-        b.launch_library()
-        b.kill_big_run()
-        b.ps_many(50 if args.quick else 200)
-        if not args.quick:
-            b.ps_many(500)
-        b.overhead()
-        b.isolation_levels()
-        if args.backend == "cgroupfs":  # backend-independent rows: once
-            b.agents_add()
-            b.token_at_expiry()
+        if args.only == "isolation":
+            b.isolation_levels()
+        else:
+            b.launch_cli()
+            b.launch_library()
+            b.kill_big_run()
+            b.ps_many(50 if args.quick else 200)
+            if not args.quick:
+                b.ps_many(500)
+            b.overhead()
+            b.isolation_levels()
+            if args.backend == "cgroupfs":  # backend-independent rows: once
+                b.agents_add()
+                b.token_at_expiry()
     finally:
         b.cleanup()
     print(b.table())  # stdout carries the table only: the Makefile appends it to RESULTS.md
