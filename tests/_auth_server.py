@@ -157,11 +157,13 @@ class WerkzeugRequest(OAuth2Request):
     def __init__(self, request: Request) -> None:
         super().__init__(request.method, request.url, headers=request.headers)
         self._request = request
-        self.payload = BasicOAuth2Payload(request.form.to_dict())
+        # A JSON body too, as Anthropic's token endpoint takes (profiles' token_format = "json")
+        self._data = request.get_json(force=True) if request.is_json else request.form.to_dict()
+        self.payload = BasicOAuth2Payload(self._data)
 
     @property
     def form(self) -> Any:
-        return self._request.form
+        return self._data
 
     @property
     def args(self) -> Any:
@@ -215,6 +217,8 @@ def app(request: Request) -> Response:
         arrived = time.time()
         with STATE.lock:
             STATE.counts["token_requests"] += 1
+            if request.is_json:
+                STATE.counts["json_requests"] += 1
         response = AUTH.create_token_response(request)
         processed = time.time()
         # The latency comes after the token was spent: a client killed while waiting

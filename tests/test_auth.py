@@ -297,3 +297,98 @@ def test_env_for_run_without_a_broker(env: Env, server: OAuthServer) -> None:
     stored = env.stored("p1")
     assert got == {"OPENAI_ACCESS_TOKEN": stored["access_token"], "CORRAL_AUTH_PROFILE": "p1"}
     assert stored["refresh_token"] not in json.dumps(got)
+
+
+# --- the endpoint is pinned at sign-in (issue 12) -------------------------------------------
+
+
+class _Listener:
+    """A plain HTTP listener on 127.0.0.1 that records every request: where a run that can
+    write config.toml would point token_url to collect refresh tokens."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.bodies: list[bytes] = []
+        listener = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                listener.bodies.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                self.send_response(500)
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_refresh_goes_to_the_endpoint_pinned_at_sign_in(env: Env, server: OAuthServer) -> None:
+    pair = setup_profile(env, server)
+    assert env.stored("p1")["endpoint"]["token_url"] == server.token_url
+    listener = _Listener()
+    try:
+        # a run (or anyone) that can write config.toml points the profile elsewhere
+        config = env.dirs.config / "config.toml"
+        config.write_text(config.read_text().replace(server.token_url, listener.url))
+        assert get_profile(env.dirs, "p1").token_url == listener.url
+        token = get_token(env.dirs, "p1")
+        assert listener.bodies == []  # the refresh token never went there
+        assert server.stats()["token_requests"] == 1 and token.access_token != pair["access_token"]
+        assert env.stored("p1")["endpoint"]["token_url"] == server.token_url  # still pinned after the refresh
+        status = env.cli("auth", "status", "--json")
+        entry = json.loads(status.stdout)["profiles"][0]
+        assert entry["endpoint_differs"] == ["token_url"] and entry["pinned"]["token_url"] == server.token_url
+        assert "sign in again" in entry["problem"] and server.token_url in entry["problem"]
+        table = env.cli("auth", "status")
+        assert "token_url" in table.stderr and "pinned" in table.stderr
+        # signing in again is how the new endpoint takes effect
+        env.cli("auth", "login", "p1", "--refresh-token-stdin", input=server.mint()["refresh_token"] + "\n")
+        assert env.stored("p1")["endpoint"]["token_url"] == listener.url
+        assert env.cli("auth", "token", "p1").returncode != 0  # the listener answers 500
+        assert len(listener.bodies) == 1
+    finally:
+        listener.close()
+
+
+def test_a_credential_from_before_pinning_is_pinned_at_its_next_refresh(env: Env, server: OAuthServer) -> None:
+    setup_profile(env, server)
+    path = env.store_path("p1")
+    data = env.stored("p1")
+    del data["endpoint"]
+    path.write_text(json.dumps(data))
+    get_token(env.dirs, "p1")
+    assert env.stored("p1")["endpoint"] == {"token_url": server.token_url, "client_id": "corral-test",
+                                            "scope": None, "token_format": "form"}
+
+
+def test_json_token_format_sends_a_json_body(env: Env, server: OAuthServer) -> None:
+    setup_profile(env, server)
+    assert env.cli("auth", "add", "p1", "--update", "--token-format", "json").returncode == 0
+    assert env.cli("auth", "add", "p1", "--update", "--token-format", "xml").returncode == 2
+    env.cli("auth", "login", "p1", "--refresh-token-stdin", input=server.mint()["refresh_token"] + "\n")
+    assert env.stored("p1")["endpoint"]["token_format"] == "json"
+    proc = env.cli("auth", "token", "p1")
+    assert proc.returncode == 0, proc.stderr
+    stats = server.stats()
+    assert stats["token_requests"] == 1 and stats["json_requests"] == 1 and stats["refreshed"] == 1
+
+
+def test_a_pinned_plain_http_url_off_loopback_is_refused(env: Env, server: OAuthServer) -> None:
+    setup_profile(env, server)
+    path = env.store_path("p1")
+    data = env.stored("p1")
+    data["endpoint"]["token_url"] = "http://192.0.2.1/token"  # a hand-edited store
+    path.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="loopback"):
+        get_token(env.dirs, "p1")
+    assert server.stats().get("token_requests", 0) == 0
+    assert not (env.dirs.state / "auth" / "p1.inflight").exists()  # refused before anything was sent

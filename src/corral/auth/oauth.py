@@ -154,7 +154,8 @@ def _opener(on_sent: Callable[[], None]) -> urllib.request.OpenerDirector:
 
 def refresh_grant(profile: Profile, refresh_token: str, *, timeout: float = 30.0,
                   on_sent: Callable[[], None] = lambda: None) -> Grant:
-    """POST ``grant_type=refresh_token`` to the profile's token endpoint.
+    """POST ``grant_type=refresh_token`` to the profile's token endpoint (a form body, or
+    JSON where the profile's ``token_format`` says so).
 
     Raises :class:`Rejected` for an error answer and :class:`TransportError` when there
     is no usable answer. Neither message ever contains a token.
@@ -162,10 +163,13 @@ def refresh_grant(profile: Profile, refresh_token: str, *, timeout: float = 30.0
     form = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": profile.client_id}
     if profile.scope:
         form["scope"] = profile.scope
+    if profile.token_format == "json":  # e.g. Anthropic's endpoint takes a JSON body
+        body, content_type = json.dumps(form).encode(), "application/json"
+    else:
+        body, content_type = urlencode(form).encode(), "application/x-www-form-urlencoded"
     request = urllib.request.Request(
-        profile.token_url, data=urlencode(form).encode(), method="POST",
-        headers={"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json",
-                 "User-Agent": "corral/0.1 (auth broker)"},
+        profile.token_url, data=body, method="POST",
+        headers={"Content-Type": content_type, "Accept": "application/json", "User-Agent": "corral/0.1 (auth broker)"},
     )
     try:
         with _opener(on_sent).open(request, timeout=timeout) as resp:

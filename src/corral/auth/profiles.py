@@ -8,14 +8,19 @@
     scope = "openid offline_access"      # optional
     env_var = "OPENAI_ACCESS_TOKEN"      # where a run gets the access token
     refresh_window = 300                 # refresh this many seconds before expiry
+    token_format = "form"                # the refresh request's body: form (RFC 6749) or json
 
 A profile holds no secret: tokens live in the token store (:mod:`corral.auth.store`).
+The endpoint settings (token_url, client_id, scope, token_format) are copied into the
+store at sign-in and refreshes use that copy: a run that can write config.toml must not
+be able to point a refresh, and the refresh token in it, at a listener of its own.
 Agents reference a profile by name (``agents add --auth NAME``); nothing is copied.
 Every change goes through :class:`~corral.configfile.ConfigStore` (locked, atomic).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -35,7 +40,9 @@ from ..paths import Dirs
 
 DEFAULT_ENV_VAR = "CORRAL_ACCESS_TOKEN"
 DEFAULT_REFRESH_WINDOW = 300.0  # seconds; never more than half a token's lifetime (see store.Token)
-PROFILE_KEYS = ("token_url", "client_id", "scope", "env_var", "refresh_window")
+PROFILE_KEYS = ("token_url", "client_id", "scope", "env_var", "refresh_window", "token_format")
+ENDPOINT_KEYS = ("token_url", "client_id", "scope", "token_format")  # pinned at sign-in
+TOKEN_FORMATS = ("form", "json")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Variables a token must never overwrite: the run would break or load foreign code.
@@ -50,11 +57,36 @@ class Profile:
     scope: str | None = None
     env_var: str = DEFAULT_ENV_VAR
     refresh_window: float = DEFAULT_REFRESH_WINDOW
+    token_format: str = "form"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "token_url": self.token_url, "client_id": self.client_id, "scope": self.scope,
-                "env_var": self.env_var, "refresh_window": self.refresh_window}
+                "env_var": self.env_var, "refresh_window": self.refresh_window, "token_format": self.token_format}
 
+    def endpoint(self) -> dict[str, Any]:
+        """What sign-in pins in the token store."""
+        return {key: getattr(self, key) for key in ENDPOINT_KEYS}
+
+    def pinned_to(self, endpoint: Mapping[str, Any] | None) -> "Profile":
+        """This profile with the endpoint pinned at sign-in (re-checked: https, or plain
+        http to loopback only). None: a credential stored before pinning existed."""
+        if not endpoint:
+            return self
+        if not endpoint.get("token_url") or not endpoint.get("client_id"):
+            raise ConfigError(f"auth profile {self.name!r}: the endpoint pinned in the token store is incomplete",
+                              hint=f"sign in again: corral auth login {self.name}")
+        values: dict[str, Any] = {"scope": None, "token_format": "form"}
+        for key in ENDPOINT_KEYS:
+            if endpoint.get(key) is not None:
+                values[key] = _normalize(key, endpoint[key])
+        return dataclasses.replace(self, **values)
+
+    def endpoint_differences(self, endpoint: Mapping[str, Any] | None) -> list[str]:
+        """The endpoint keys config.toml has changed since sign-in."""
+        if not endpoint:
+            return []
+        pinned = self.pinned_to(endpoint)
+        return [key for key in ENDPOINT_KEYS if getattr(pinned, key) != getattr(self, key)]
 
 def validate_profile_name(name: str) -> str:
     """The same rule ``agents add --auth`` applies (it also names the store file)."""
@@ -120,6 +152,10 @@ def _normalize(key: str, value: Any) -> Any:
     if key == "refresh_window":
         seconds = _check_window(value)
         return int(seconds) if seconds.is_integer() else seconds
+    if key == "token_format":
+        if value not in TOKEN_FORMATS:
+            raise UsageError(f"invalid token format {value!r}: form (RFC 6749) or json (e.g. Anthropic's endpoint)")
+        return value
     raise UsageError(f"unknown profile setting {key!r}", hint=f"known: {', '.join(PROFILE_KEYS)}")
 
 
@@ -192,12 +228,12 @@ def list_profiles(dirs: Dirs) -> list[Profile]:
 
 def add_profile(dirs: Dirs, name: str, *, token_url: str | None = None, client_id: str | None = None,
                 scope: str | None = None, env_var: str | None = None, refresh_window: float | str | None = None,
-                update: bool = False) -> Profile:
+                token_format: str | None = None, update: bool = False) -> Profile:
     """Add ``[auth.NAME]``. An existing NAME is an error (exit 2) unless *update*, which
     changes only the keys given."""
     validate_profile_name(name)
     given = {"token_url": token_url, "client_id": client_id, "scope": scope, "env_var": env_var,
-             "refresh_window": refresh_window}
+             "refresh_window": refresh_window, "token_format": token_format}
     values = {k: _normalize(k, v) for k, v in given.items() if v is not None}  # before the lock
     store = open_store(dirs)
 
@@ -224,5 +260,5 @@ def add_profile(dirs: Dirs, name: str, *, token_url: str | None = None, client_i
     return store.update(change)
 
 
-__all__ = ["DEFAULT_ENV_VAR", "DEFAULT_REFRESH_WINDOW", "Profile", "add_profile", "check_env_var",
+__all__ = ["DEFAULT_ENV_VAR", "DEFAULT_REFRESH_WINDOW", "ENDPOINT_KEYS", "Profile", "add_profile", "check_env_var",
            "check_token_url", "get_profile", "list_profiles", "validate_profile_name"]

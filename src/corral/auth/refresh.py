@@ -137,6 +137,12 @@ def _refresh_locked(profile: Profile, store: TokenStore, seen: Token, http_timeo
 def _refresh(profile: Profile, store: TokenStore, current: Token, prior: Marker | None,
              http_timeout: float) -> Token:
     """Send the grant and store the answer. Called with the lock held."""
+    # The endpoint pinned at sign-in, not config.toml's (which a run may be able to write).
+    # A credential from before pinning is pinned now, to the config it has always used.
+    target = profile.pinned_to(current.endpoint)
+    if target.token_url != profile.token_url:
+        log.warning("auth %s: config.toml's token_url differs from the one pinned at sign-in; refreshing at the "
+                    "pinned %s (sign in again to change it)", profile.name, target.token_url)
     marker = Marker(pid=os.getpid(), started_at=time.time(), phase="sending", generation=current.generation,
                     refresh_fp=fingerprint(current.refresh_token))
     store.write_marker(marker)
@@ -148,7 +154,7 @@ def _refresh(profile: Profile, store: TokenStore, current: Token, prior: Marker 
         sent = True
 
     try:
-        grant = refresh_grant(profile, current.refresh_token, timeout=http_timeout, on_sent=on_sent)
+        grant = refresh_grant(target, current.refresh_token, timeout=http_timeout, on_sent=on_sent)
     except Rejected as err:
         if not err.sign_in_again:
             store.clear_marker()  # an error answer issues nothing: the old token stands
@@ -180,6 +186,7 @@ def _refresh(profile: Profile, store: TokenStore, current: Token, prior: Marker 
         token_type=grant.token_type, expires_at=grant.expires_at, obtained_at=grant.received_at,
         scope=grant.scope or current.scope, last_refresh=grant.received_at,
         refresh_count=current.refresh_count + 1, generation=current.generation + 1, source=current.source,
+        endpoint=current.endpoint or target.endpoint(),
     )
     store.save(new)
     checkpoint("after_store")
@@ -202,8 +209,9 @@ def login(dirs: Dirs, name: str, *, refresh_token: str, access_token: str | None
           expires_at: float | None = None, scope: str | None = None, source: str = "login",
           timeout: float = DEFAULT_TIMEOUT) -> Token:
     """Store a first (or replacement) credential for profile *name*, under its lock so it
-    never interleaves with a refresh. Clears a dead mark and a stale in-flight marker."""
-    get_profile(dirs, name)  # unknown profile: exit 3, before anything is written
+    never interleaves with a refresh. Clears a dead mark and a stale in-flight marker.
+    Pins the profile's endpoint as config.toml has it now (see profiles.py)."""
+    profile = get_profile(dirs, name)  # unknown profile: exit 3, before anything is written
     refresh_token = refresh_token.strip()
     if not refresh_token or any(c.isspace() for c in refresh_token):
         from ..errors import UsageError
@@ -220,7 +228,7 @@ def login(dirs: Dirs, name: str, *, refresh_token: str, access_token: str | None
                       expires_at=expires_at if access_token else None, obtained_at=now, scope=scope,
                       generation=(old.generation + 1) if old else 1, source=source,
                       refresh_count=old.refresh_count if old else 0,
-                      last_refresh=old.last_refresh if old else None)
+                      last_refresh=old.last_refresh if old else None, endpoint=profile.endpoint())
         store.save(token)
         store.clear_marker()
     return token

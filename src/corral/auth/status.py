@@ -35,12 +35,19 @@ def profile_status(dirs: Dirs, profile: Profile, *, now: float | None = None) ->
         state = "expired"
     elif token.needs_refresh(profile.refresh_window, now):
         state = "expiring"
+    differs = profile.endpoint_differences(token.endpoint)
+    if differs and problem is None:
+        pinned = token.endpoint or {}
+        problem = (f"config.toml changed {', '.join(differs)} since sign-in; refreshes still go to the pinned "
+                   f"{pinned.get('token_url')} (client {pinned.get('client_id')}). To use the new settings, "
+                   f"sign in again: corral auth login {profile.name}")
     return {
         **out, "state": state, "problem": problem,
         "expires_at": iso(token.expires_at),
         "expires_in": None if token.expires_at is None else int(token.expires_at - now),
         "last_refresh": iso(token.last_refresh), "refresh_count": token.refresh_count,
         "signed_in_from": token.source, "generation": token.generation,
+        "pinned": token.endpoint, "endpoint_differs": differs,
     }
 
 

@@ -68,6 +68,9 @@ class Token:
     generation: int = 0
     source: str = ""
     dead: str | None = None  # why the refresh token is known to be unusable (sign in again)
+    # token_url, client_id, scope, token_format as they were at sign-in: refreshes go there,
+    # whatever config.toml says now (profiles.py). None: stored before pinning existed.
+    endpoint: dict[str, Any] | None = None
 
     def lifetime(self) -> float | None:
         if self.expires_at is None:
@@ -94,6 +97,8 @@ class Token:
         if not isinstance(data, dict) or not isinstance(data.get("refresh_token"), str):
             raise ValueError("no refresh_token")
         names = {f.name for f in dataclasses.fields(cls)}
+        if data.get("endpoint") is not None and not isinstance(data["endpoint"], dict):
+            raise ValueError("endpoint is not an object")
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def replace(self, **changes: Any) -> "Token":
