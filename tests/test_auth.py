@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from _auth_util import CORRAL, REAUTH, Env, OAuthServer, fork_worker, kill, setup_profile, wait_stopped
-from corral.auth import TokenStore, add_profile, env_for_run, get_profile, get_token, login
+from corral.auth import TokenStore, add_profile, get_profile, get_token, login
+from corral.auth.runauth import prepare_run_auth
 from corral.auth.importers import parse_auth_json
 from corral.errors import ConfigError, PermissionDenied, ProfileNotFound, SignInAgain, UsageError
 
@@ -93,7 +94,7 @@ def test_unknown_profile_is_exit_3_everywhere(env: Env) -> None:
     proc = env.cli("auth", "login", "nope", "--refresh-token-stdin", input="rt-x\n")
     assert proc.returncode == 3
     with pytest.raises(ProfileNotFound) as info:
-        env_for_run(env.dirs, "nope")
+        prepare_run_auth(env.dirs, agent="a1", run_id="0000000a", grants=("nope",), owner=None)
     assert isinstance(info.value, LookupError) and info.value.exit_code == 3
 
 
@@ -290,13 +291,20 @@ def test_concurrent_cli_processes_refresh_once(env: Env, server: OAuthServer) ->
     assert server.stats()["token_requests"] == 1
 
 
-def test_env_for_run_without_a_broker(env: Env, server: OAuthServer) -> None:
+def test_run_env_without_a_broker(env: Env, server: OAuthServer) -> None:
     setup_profile(env, server)
     add_profile(env.dirs, "p1", env_var="OPENAI_ACCESS_TOKEN", update=True)
-    got = env_for_run(env.dirs, "p1")
-    stored = env.stored("p1")
-    assert got == {"OPENAI_ACCESS_TOKEN": stored["access_token"], "CORRAL_AUTH_PROFILE": "p1"}
-    assert stored["refresh_token"] not in json.dumps(got)
+    run_auth = prepare_run_auth(env.dirs, agent="a1", run_id="0000000b", grants=("p1",), owner=None)
+    try:
+        stored = env.stored("p1")
+        sock = env.dirs.runtime / "run-auth" / "0000000b" / "auth.sock"
+        assert run_auth.env == {"OPENAI_ACCESS_TOKEN": stored["access_token"], "CORRAL_AUTH_PROFILE": "p1",
+                                "CORRAL_AUTH_SOCKET": str(sock)}
+        assert stored["refresh_token"] not in json.dumps(run_auth.env)
+        assert sock.is_socket()
+    finally:
+        run_auth.close()
+    assert not sock.parent.exists()
 
 
 # --- the endpoint is pinned at sign-in (issue 12) -------------------------------------------

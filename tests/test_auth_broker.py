@@ -20,7 +20,6 @@ import pytest
 
 from _auth_util import CORRAL, Env, OAuthServer, setup_profile
 from conftest import BACKENDS
-from corral.auth import env_for_run
 from corral.auth.client import ask_broker
 
 pytestmark = pytest.mark.timeout(60)
@@ -188,11 +187,11 @@ def test_agent_run_sees_an_access_token_and_no_refresh_token(env: Env, server: O
                                                               broker: BrokerProcess) -> None:
     from corral import Corral, RunSpec
 
-    run_env = env_for_run(env.dirs, "p1")
+    from corral.auth import get_token
+
+    get_token(env.dirs, "p1")  # signed in with a refresh token only: the first access token
     stored = env.stored("p1")
     access, refresh = stored["access_token"], stored["refresh_token"]
-    assert run_env == {"CORRAL_ACCESS_TOKEN": access, "CORRAL_AUTH_PROFILE": "p1",
-                       "CORRAL_AUTH_SOCKET": str(broker.path)}
 
     out = env.root / "out"
     out.mkdir(mode=0o777)
@@ -219,15 +218,17 @@ def test_agent_run_sees_an_access_token_and_no_refresh_token(env: Env, server: O
     (out / "pattern").write_text(refresh + "\n")
     os.chmod(out / "pattern", 0o644)
     with Corral("cgroupfs", dirs=env.dirs) as c:
-        run = c.run(RunSpec(agent="authprobe", argv=("sh", "-c", script),
-                            env={**run_env, "XDG_CONFIG_HOME": env.env["XDG_CONFIG_HOME"],
+        run = c.run(RunSpec(agent="authprobe", argv=("sh", "-c", script), auth=("p1",),
+                            env={"XDG_CONFIG_HOME": env.env["XDG_CONFIG_HOME"],
                                  "XDG_STATE_HOME": env.env["XDG_STATE_HOME"]}))
         record = run.wait()
-    assert record.exit_code == 0
+    assert record.exit_code == 0 and record.grants == ["p1"]
 
     agent_env = (out / "env").read_text()
     assert f"CORRAL_ACCESS_TOKEN={access}\n" in agent_env
-    assert f"CORRAL_AUTH_SOCKET={broker.path}\n" in agent_env
+    # its own broker socket, which asks the broker service (one is listening) for tokens
+    assert f"CORRAL_AUTH_SOCKET={env.dirs.runtime}/run-auth/{record.id}/auth.sock\n" in agent_env
+    assert not (env.dirs.runtime / "run-auth" / record.id).exists(), "removed when the run ended"
     assert refresh not in agent_env
     assert (out / "token").read_text().strip() == access, (out / "token.err").read_text()
     # The refresh token is in exactly one file: the broker's 0600 store. Not in the run's

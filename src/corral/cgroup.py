@@ -56,6 +56,19 @@ def own_cgroup(pid: int | str = "self") -> str:
     return ""
 
 
+def run_of(pid: int | str) -> tuple[str, str] | None:
+    """(agent, run id) of the corral run a process is in, from its cgroup path (the same
+    name on both backends); None outside runs. The kernel's word, not the process's: a
+    run cannot unset it the way it can unset ``CORRAL_RUN_ID`` (and escaping its cgroup
+    needs write access the run does not have)."""
+    from .names import parse_scope_name
+
+    for part in own_cgroup(pid).split("/"):
+        if part.endswith(".scope") and (found := parse_scope_name(part)) is not None:
+            return found
+    return None
+
+
 PAYLOAD = "payload"  # the command and everything it starts
 SUPERVISOR = "supervisor"  # corral's own processes for the run (watchdog, detached owner)
 

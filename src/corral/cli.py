@@ -70,7 +70,8 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 @click.option("--keep-leftovers", is_flag=True,
               help="When the command exits, let what it left behind finish (state: draining).")
 @click.option("--no-wait", is_flag=True, help="If the agent is at its max_runs, fail (exit 75) instead of waiting.")
-@click.option("--auth", metavar="PROFILE", help="Auth profile whose access token the run gets.")
+@click.option("--auth", metavar="PROFILE", multiple=True,
+              help="Grant auth PROFILE to the run (repeatable; default: the agent's auth). See corral auth --help.")
 @click.option("--cwd", metavar="DIR", help="Working directory (default: the agent's workspace, else here).")
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
 @click.option("--memory-max", metavar="SIZE", help="Hard memory limit, e.g. 2G.")
@@ -85,7 +86,7 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 @pass_ctx
 def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str | None,
         lock_timeout: float | None, timeout: str | None, grace: float, keep_leftovers: bool, no_wait: bool,
-        auth: str | None, cwd: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
+        auth: tuple[str, ...], cwd: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
         memory_high: str | None, cpu_quota: str | None, tasks_max: str | None, isolation: str | None,
         network: str | None, user: str | None) -> None:
     """Run COMMAND for AGENT in its own cgroup: corral run AGENT [OPTIONS] -- CMD [ARG...]
@@ -97,14 +98,12 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
     from .spec import Limits
 
     validate_agent(agent)
-    spec, profile = resolve_run(
+    spec = resolve_run(
         c.corral.dirs, agent, argv=command, cwd=cwd, env=parse_env_pairs(env_pairs), auth=auth,
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
         session=session, lock_timeout=lock_timeout, timeout=timeout, grace=grace, keep_leftovers=keep_leftovers,
         wait_for_slot=not no_wait, isolation=isolation, network=network, user=user,
     )
-    if profile is not None:
-        spec = _with_auth(c, spec, profile)
     handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach, terminal=not detach,
                           on_wait=lambda w: click.echo(f"corral: waiting: {w}", err=True))
     if detach:
@@ -118,22 +117,6 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
     elif outcome.ended_by == "lost-supervisor":
         click.echo(f"corral: run {handle.id}: its watchdog died; the run was killed whole", err=True)
     sys.exit(outcome.shell_status)
-
-
-def _with_auth(c: Ctx, spec: Any, profile: str) -> Any:
-    """The run gets what its agent needs from the auth profile (an access token and/or the
-    broker socket), never the refresh token."""
-    try:
-        from .auth import env_for_run
-    except ImportError:
-        raise NotFound(f"no auth profile {profile!r}", hint="add one with: corral auth add PROFILE ...") from None
-    import dataclasses
-
-    # The token store holds refresh tokens and is readable by the agent's own uid: the run
-    # gets a private mount namespace in which that directory is an empty tmpfs.
-    store = str(c.corral.dirs.state / "auth")
-    return dataclasses.replace(spec, env={**env_for_run(c.corral.dirs, profile), **spec.env},
-                               hidden_paths=(*spec.hidden_paths, store))
 
 
 # --- listing ------------------------------------------------------------------------------

@@ -355,12 +355,14 @@ def sandbox_pids(pids: Sequence[int]) -> list[int]:
 
 
 def plan(iso: Isolation, *, agent: str, argv: Sequence[str], cwd: str, env: Mapping[str, str],
-         corral_env: Mapping[str, str], hidden: Sequence[str], bind_back: Sequence[str], state_dir: str) -> Sandbox:
+         corral_env: Mapping[str, str], hidden: Sequence[str], bind_back: Sequence[str], state_dir: str,
+         unset: Sequence[str] = ()) -> Sandbox:
     """Everything the child needs, decided before the fork. *env* is what the agent's config,
-    ``--env`` and ``--auth`` give; *corral_env* the ``CORRAL_*`` variables."""
+    ``--env`` and ``--auth`` give; *corral_env* the ``CORRAL_*`` variables; *unset* the
+    inherited variables the run must not get (another credential its CLI would prefer)."""
     identity = resolve_identity(iso, cwd)
     if iso.level == "none":
-        full = {**os.environ, **env, **corral_env}
+        full = {**{k: v for k, v in os.environ.items() if k not in unset}, **env, **corral_env}
         return Sandbox(level="none", network="host", identity=identity, env=full, command=tuple(argv), cwd=cwd,
                        hidden=tuple(hidden))
     if iso.network != "host" and iso.level == "none":  # pragma: no cover - caught above
@@ -370,7 +372,7 @@ def plan(iso: Isolation, *, agent: str, argv: Sequence[str], cwd: str, env: Mapp
         raise IsolationUnavailable(
             f"isolation {iso.level!r} needs bubblewrap, which is not installed",
             hint="install it (apt-get install bubblewrap, or `make deps`), or run with --isolation none")
-    base = filter_env(os.environ, iso.env_passthrough)
+    base = {k: v for k, v in filter_env(os.environ, iso.env_passthrough).items() if k not in unset}
     if identity.uid is not None:
         base.update(HOME=identity.home or "/", USER=identity.name or str(identity.uid),
                     LOGNAME=identity.name or str(identity.uid), SHELL=identity.shell or "/bin/sh")

@@ -22,6 +22,7 @@ from .supervise import (Owner, block_forwarded_signals, set_child_subreaper, unb
                         watchdog_argv)
 
 if TYPE_CHECKING:
+    from .auth.runauth import RunAuth
     from .core import Corral
     from .isolation import Sandbox
     from .sessions import Lease
@@ -62,7 +63,27 @@ def _new_record(corral: "Corral", spec: RunSpec, *, detach: bool) -> RunRecord:
         timeout=spec.timeout,
         log=str(corral.store.log_path(run_id)) if detach else None,
         limits={"requested": spec.limits.requested()},
+        grants=list(spec.auth),
     )
+
+
+def _prepare_auth(corral: "Corral", spec: RunSpec, record: RunRecord) -> tuple[RunSpec, "RunAuth | None"]:
+    """The run's granted profiles, made ready before the fork (auth/runauth.py): its own
+    broker socket, the adapters' files, the variables. The token store is hidden from it."""
+    if not spec.auth:
+        return spec, None
+    import dataclasses
+
+    from .auth.runauth import prepare_run_auth
+    from .isolation import resolve_identity
+
+    ident = resolve_identity(spec.isolation, record.cwd)
+    owner = (ident.uid, ident.gid if ident.gid is not None else ident.uid) if ident.uid is not None else None
+    run_auth = prepare_run_auth(corral.dirs, agent=spec.agent, run_id=record.id, grants=spec.auth, owner=owner)
+    store = str(corral.dirs.state / "auth")
+    spec = dataclasses.replace(spec, env={**run_auth.env, **spec.env}, hidden_paths=(*spec.hidden_paths, store),
+                               env_unset=(*spec.env_unset, *run_auth.unset))
+    return spec, run_auth
 
 def _sandbox(corral: "Corral", spec: RunSpec, record: RunRecord) -> "Sandbox":
     """The run's isolation, planned before the fork (errors surface here, not in the child)."""
@@ -71,9 +92,15 @@ def _sandbox(corral: "Corral", spec: RunSpec, record: RunRecord) -> "Sandbox":
     dirs = corral.dirs
     corral_env = {"CORRAL_RUN_ID": record.id, "CORRAL_AGENT": record.agent, "CORRAL_UNIT": record.unit}
     hidden = (str(dirs.config), str(dirs.state), str(dirs.runtime), *spec.hidden_paths)
-    socket = spec.env.get("CORRAL_AUTH_SOCKET")
+    if record.grants:
+        from .auth.runauth import run_dir
+
+        bind_back: tuple[str, ...] = (str(run_dir(dirs, record.id)),)  # its broker socket and adapters' files
+    else:
+        socket = spec.env.get("CORRAL_AUTH_SOCKET")
+        bind_back = (socket,) if socket else ()
     return plan(spec.isolation, agent=spec.agent, argv=spec.argv, cwd=record.cwd, env=spec.env,
-                corral_env=corral_env, hidden=hidden, bind_back=(socket,) if socket else (),
+                corral_env=corral_env, hidden=hidden, bind_back=bind_back, unset=spec.env_unset,
                 state_dir=str(dirs.state))
 
 def _take_leases(corral: "Corral", spec: RunSpec, on_wait: Callable[[object], None] | None) -> list["Lease"]:
@@ -115,8 +142,10 @@ def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = Fals
     owner (terminal.py), instead of the caller's terminal.
     """
     leases = _take_leases(corral, spec, on_wait)
+    run_auth = None
     try:
         record = _new_record(corral, spec, detach=False)
+        spec, run_auth = _prepare_auth(corral, spec, record)
         for lease in leases:
             lease.update_holder(run_id=record.id, cgroup=record.cgroup)  # before any process is in it
         corral.store.save(record)
@@ -127,10 +156,15 @@ def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = Fals
         if hold_signals:
             unblock_forwarded_signals()
         _release_all(leases)
+        if run_auth is not None:
+            run_auth.close()
         raise
     for lease in leases:
         lease.update_holder(main_pid=owner.main_pid)
     owner.leases = leases
+    if run_auth is not None:
+        owner.services = run_auth
+        run_auth.start()
     return record, owner
 
 
@@ -232,21 +266,29 @@ def start_detached(corral: "Corral", spec: RunSpec, *, on_wait: Callable[[object
     """Start *spec* owned by a small process in the run's own scope; return once it runs.
     The session lease travels to that owner with the fork; this process drops its copy."""
     leases = _take_leases(corral, spec, on_wait)
+    run_auth = None
     try:
         record = _new_record(corral, spec, detach=True)
+        spec, run_auth = _prepare_auth(corral, spec, record)
         for lease in leases:
             lease.update_holder(run_id=record.id, cgroup=record.cgroup)
         corral.store.save(record)
-        return _run_detached(corral, spec, record, leases)
+        started = _run_detached(corral, spec, record, leases, run_auth)
+        if run_auth is not None:
+            run_auth.detach_copy()  # the owner serves it now
+        return started
     except BaseException:
         _release_all(leases)  # no owner took it over (it would have reported "ok")
+        if run_auth is not None:
+            run_auth.close()
         raise
     finally:
         for lease in leases:
             lease.close()  # the owner's copy keeps the lock; release() above is a no-op after it
 
 
-def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: list["Lease"]) -> RunRecord:
+def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: list["Lease"],
+                  run_auth: "RunAuth | None") -> RunRecord:
     backend = corral.backend
     cgroup = backend.prepare(spec.agent, record.id, spec.limits)
     log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)  # type: ignore[arg-type]
@@ -262,7 +304,7 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: li
             if owner_pid:
                 os.write(report_w, f"{owner_pid}\n".encode())
                 os._exit(0)
-            _detached_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r, leases)
+            _detached_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r, leases, run_auth)
         except BaseException:  # noqa: BLE001 - say why (on the caller's stderr or the run's log)
             import traceback
 
@@ -305,7 +347,8 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: li
     return corral.store.load(record.id) or record
 
 def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
-                    gate_r: int, leases: list["Lease"]) -> None:  # pragma: no cover - runs in the forked owner
+                    gate_r: int, leases: list["Lease"],
+                    run_auth: "RunAuth | None") -> None:  # pragma: no cover - runs in the forked owner
     """Body of a detached run's owner: wait to be placed, start the pair, own the run.
     The parent's D-Bus connection must not be used after fork, and the owner needs none."""
     reset_signals_in_child()
@@ -349,6 +392,9 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
         reap_orphans=True, keep_leftovers=spec.keep_leftovers, sandboxed=sandbox.active,
     )
     owner.leases = leases
+    if run_auth is not None:
+        owner.services = run_auth
+        run_auth.start()
     owner.wait(handle_signals=True)
     os._exit(0)
 

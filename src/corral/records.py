@@ -56,6 +56,7 @@ class RunRecord:
     isolation: dict[str, Any] = field(default_factory=dict)  # what was in effect (Sandbox.describe)
     adopted: bool = False  # found live by name, with no (usable) record of ours
     problem: str | None = None  # why an adopted run has no usable record
+    grants: list[str] = field(default_factory=list)  # auth profiles the broker serves this run
 
     @property
     def ended(self) -> bool:
@@ -79,7 +80,7 @@ class RunRecord:
             value = getattr(record, name)
             if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
                 raise ValueError(f"field {name!r} has the wrong type ({type(value).__name__})")
-        if not is_run_id(record.id) or not all(isinstance(a, str) for a in record.argv):
+        if not is_run_id(record.id) or not all(isinstance(a, str) for a in (*record.argv, *record.grants)):
             raise ValueError("bad id or argv")
         return record
 
@@ -95,7 +96,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "owner_pid": _OPT_INT, "owner_start": (int, float, type(None)), "helper_pids": (list,), "started_at": _OPT_STR,
     "ended_at": _OPT_STR, "exit_code": _OPT_INT, "signal": _OPT_INT, "ended_by": _OPT_STR,
     "leftovers_killed": _OPT_INT, "timeout": (int, float, type(None)), "log": _OPT_STR, "limits": (dict,),
-    "isolation": (dict,), "adopted": (bool,), "problem": _OPT_STR,
+    "isolation": (dict,), "adopted": (bool,), "problem": _OPT_STR, "grants": (list,),
 }
 
 

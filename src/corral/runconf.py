@@ -30,15 +30,15 @@ def _isolation_fields(conf: Any, asked: Mapping[str, str | None]) -> dict[str, A
 
 
 def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | None = None,
-                env: Mapping[str, str] | None = None, limits: Limits | None = None, auth: str | None = None,
-                isolation: str | None = None, network: str | None = None, user: str | None = None,
-                **spec_fields: Any) -> tuple[RunSpec, str | None]:
+                env: Mapping[str, str] | None = None, limits: Limits | None = None,
+                auth: Sequence[str] | str | None = None, isolation: str | None = None, network: str | None = None,
+                user: str | None = None, **spec_fields: Any) -> RunSpec:
     """What ``corral run AGENT`` runs: the agent's config (if it has an entry; any valid
     name may be used ad hoc), then ``[corral.defaults]``, then the caller's flags on top.
 
-    Returns the spec and the auth profile to use (resolved by the caller, which knows
-    whether a broker is up)."""
+    *auth*: profiles to grant instead of the agent's ``auth``."""
     validate_agent(agent)
+    asked_auth = ((auth,) if isinstance(auth, str) else tuple(auth)) if auth else ()
     conf = defaults = None
     if (dirs.config / "config.toml").exists():  # no file: an ad hoc agent, and no tomlkit to load
         from .config import load_run_config
@@ -55,13 +55,14 @@ def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | 
         if not argv:
             raise UsageError(f"no command given, and {agent!r} is not a configured agent with a default command",
                              hint="put the command after --, e.g. corral run lane1 -- make test")
-        return RunSpec(agent=agent, argv=tuple(argv), cwd=cwd, env=dict(env or {}), limits=flags, **spec_fields), auth
+        return RunSpec(agent=agent, argv=tuple(argv), cwd=cwd, env=dict(env or {}), limits=flags, auth=asked_auth,
+                       **spec_fields)
     command = tuple(argv) or conf.command
     if not command:
         raise UsageError(f"no command given, and agent {agent!r} has no default command",
                          hint=f"give one after --, or set it: corral agents set {agent} command=\"...\"")
     merged = Limits(**{k: getattr(flags, k) if getattr(flags, k) is not None else getattr(conf.limits, k)
                        for k in ("memory_max", "memory_high", "cpu_quota", "tasks_max")})
-    spec = RunSpec(agent=agent, argv=command, cwd=cwd or conf.workspace, env={**conf.env, **(env or {})},
-                   limits=merged, max_runs=conf.max_runs, **spec_fields)
-    return spec, auth or conf.auth
+    return RunSpec(agent=agent, argv=command, cwd=cwd or conf.workspace, env={**conf.env, **(env or {})},
+                   limits=merged, max_runs=conf.max_runs, auth=asked_auth or ((conf.auth,) if conf.auth else ()),
+                   **spec_fields)

@@ -57,12 +57,22 @@ class RunSpec:
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
     keep_leftovers: bool = False  # let processes main left behind end on their own
     isolation: Isolation = field(default_factory=Isolation)  # the boundary around the run
+    # Auth profiles granted to the run (auth/runauth.py): each is written in the form its
+    # kind's CLI reads, and the run's broker socket serves these and no others.
+    auth: tuple[str, ...] = ()
+    env_unset: tuple[str, ...] = ()  # inherited variables the run must not get
 
     def __post_init__(self) -> None:
         validate_agent(self.agent)
         if not self.argv:
             raise UsageError("no command given", hint="put the command after --, e.g. corral run lane1 -- make test")
+        if isinstance(self.argv, str):
+            raise UsageError(f"argv must be a list of arguments, not the string {self.argv!r}",
+                             hint='e.g. RunSpec(agent, argv=["echo", "hi"]), or ["sh", "-c", "..."] for a shell line')
         object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+        auth = (self.auth,) if isinstance(self.auth, str) else tuple(self.auth)
+        object.__setattr__(self, "auth", tuple(dict.fromkeys(auth)))  # in order, each once
+        object.__setattr__(self, "env_unset", tuple(self.env_unset))
         if self.timeout is not None:
             object.__setattr__(self, "timeout", parse_duration(self.timeout))
         for key in self.env:

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .cgroup import CgroupDir
 from .records import RunRecord, now_iso
@@ -118,6 +118,7 @@ class Owner:
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
         self.leases: list = []  # session leases held for the run, released once it is torn down
+        self.services: Any = None  # the run's auth (auth/runauth.py): served while it lives, closed at its end
 
     # ------------------------------------------------------------------------------------
 
@@ -239,6 +240,9 @@ class Owner:
             self._drain(exit_code, sig)
         leftovers = len(self._leftovers())
         self.backend.teardown(self.payload)
+        if self.services is not None:
+            self.services.close()  # nothing of the run is left to ask for a token
+            self.services = None
         if self.reap_orphans:
             self._reap_orphans()
         if ended_by == "exited" and sig is not None:

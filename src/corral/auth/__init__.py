@@ -7,13 +7,14 @@ copied into agents (issue 6; "Auth broker" in DESIGN.md).
 - :mod:`.oauth`: the RFC 6749 section 6 refresh grant, standard library only;
 - :mod:`.refresh`: single-flight refresh across processes, and sign-in;
 - :mod:`.broker` / :mod:`.client`: the unix-socket daemon and its callers;
-- :func:`env_for_run`: what ``corral run --auth PROFILE`` puts into a run.
+- :mod:`.runauth` / :mod:`.adapters`: what a run granted profiles gets (its own broker
+  socket; codex's, Claude Code's or a variable's form of the credential, kept fresh).
 """
 
 from __future__ import annotations
 
 from .broker import Broker, run_broker, socket_path
-from .client import PROFILE_ENV, SOCKET_ENV, access_token, env_for_run, token_from_broker
+from .client import PROFILE_ENV, SOCKET_ENV, access_token, token_from_broker
 from .importers import read_auth_file
 from .profiles import DEFAULT_ENV_VAR, Profile, add_profile, get_profile, list_profiles
 from .refresh import AccessToken, get_token, login
@@ -31,7 +32,6 @@ __all__ = [
     "TokenStore",
     "access_token",
     "add_profile",
-    "env_for_run",
     "get_profile",
     "get_token",
     "list_profiles",

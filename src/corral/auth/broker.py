@@ -15,6 +15,11 @@ Protocol: one JSON object per line each way, any number of requests per connecti
 
 The refresh itself is the same single-flight code path ``corral auth token`` uses in a
 process of its own, so a broker and CLI callers never refresh the same token twice.
+
+Grants: a peer inside a corral run (its cgroup says which, see ``cgroup.run_of``) gets
+only the profiles granted to that run (``--auth``, the agent's ``auth``), as recorded in
+the run's record; a peer outside runs gets any profile of this uid. A run's owner serves
+the same protocol on a socket of the run's own (:mod:`.runauth`), for that run only.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
+from ..cgroup import run_of
 from ..errors import (AuthBusy, Busy, ConfigError, CorralError, NotFound, PermissionDenied, ProfileNotFound,
                       SignInAgain, UsageError, translate_oserror)
 from ..paths import Dirs
-from .refresh import DEFAULT_TIMEOUT, get_token
+from .refresh import DEFAULT_TIMEOUT, AccessToken, get_token
 
 log = logging.getLogger("corral")
 
@@ -145,16 +153,57 @@ def _error_answer(err: CorralError) -> dict[str, Any]:
     return answer
 
 
+@dataclass(frozen=True)
+class RunGrant:
+    """A broker serving one run only: its peers must be in the run's cgroup."""
+
+    agent: str
+    run_id: str
+    grants: tuple[str, ...]
+
+
+def check_grant(dirs: Dirs, pid: int, profile: str, *, only: RunGrant | None = None) -> None:
+    """PermissionDenied unless process *pid* may have *profile*'s access token."""
+    found = run_of(pid)
+    if only is not None:
+        if found != (only.agent, only.run_id):
+            where = f"run {found[1]} ({found[0]})" if found else "outside any corral run"
+            raise PermissionDenied(f"this socket serves run {only.run_id} ({only.agent}) only; "
+                                   f"process {pid} is {where}")
+        grants: tuple[str, ...] | list[str] = only.grants
+    elif found is None:
+        return  # outside runs: the uid check in _serve_one was the whole test
+    else:
+        from ..records import RecordStore
+
+        record = RecordStore(dirs.runs).load(found[1])
+        if record is None or record.agent != found[0]:
+            raise PermissionDenied(f"process {pid} is in run {found[1]} ({found[0]}), which this broker has no "
+                                   "record of (another state dir?); it gets no tokens",
+                                   hint="start the run with this XDG_STATE_HOME and --auth PROFILE")
+        grants = record.grants
+    if profile not in grants:
+        agent, run_id = found  # type: ignore[misc]
+        raise PermissionDenied(f"run {run_id} ({agent}) was not granted auth profile {profile!r}"
+                               + (f" (granted: {', '.join(grants)})" if grants else " (it has no auth grants)"),
+                               hint=f"start the run with --auth {profile}, or give agent {agent} that auth profile")
+
+
 class Broker:
     """Serves one listening socket until :meth:`shutdown`. A thread per connection: each
-    one mostly waits (for the peer, the refresh lock or the token endpoint)."""
+    one mostly waits (for the peer, the refresh lock or the token endpoint).
+
+    *only*: a run's own broker (:mod:`.runauth`): serves that run's processes, whatever
+    their uid (``--user``), and only its grants; tokens come from the broker service if one
+    listens, else from the store in this process, through the same single flight."""
 
     def __init__(self, dirs: Dirs, sock: socket.socket, *, owned_path: Path | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, only: RunGrant | None = None) -> None:
         self.dirs = dirs
         self.sock = sock
         self.owned_path = owned_path  # unlinked on exit; None for a socket systemd owns
         self.timeout = timeout
+        self.only = only
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -221,7 +270,7 @@ class Broker:
                 pid, uid, _ = peer_credentials(conn)
             except OSError:
                 return
-            if uid != os.geteuid():
+            if self.only is None and uid != os.geteuid():
                 log.warning("broker: refused pid %d of uid %d (this broker serves uid %d only)", pid, uid, os.geteuid())
                 self._send(conn, _error_answer(PermissionDenied(
                     f"uid {uid} may not use this broker (it serves uid {os.geteuid()} only)")))
@@ -258,7 +307,8 @@ class Broker:
         if not isinstance(profile, str) or not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
             return _error_answer(UsageError("a token request needs a profile name"))
         try:
-            token = get_token(self.dirs, profile, timeout=min(max(float(timeout), 0.0), 300.0))
+            check_grant(self.dirs, pid, profile, only=self.only)
+            token = self.token(profile, timeout=min(max(float(timeout), 0.0), 300.0))
         except CorralError as err:
             log.info("broker: pid %d, profile %s: %s", pid, profile, err.message)
             return _error_answer(err)
@@ -266,6 +316,15 @@ class Broker:
             log.exception("broker: pid %d, profile %s: unexpected error", pid, profile)
             return {"ok": False, "kind": "error", "error": f"internal error: {type(err).__name__}", "exit_code": 1}
         return {"ok": True, **token.to_json()}
+
+    def token(self, profile: str, *, timeout: float, min_valid: float = 0.0) -> AccessToken:
+        if self.only is not None and not min_valid:
+            from .client import token_from_broker
+
+            got = token_from_broker(socket_path(self.dirs), profile, timeout=timeout)
+            if got is not None:
+                return got
+        return get_token(self.dirs, profile, timeout=timeout, min_valid=min_valid)
 
     @staticmethod
     def _send(conn: socket.socket, answer: dict[str, Any]) -> bool:
@@ -292,4 +351,4 @@ def run_broker(dirs: Dirs, *, path: Path | None = None, timeout: float = DEFAULT
     log.info("broker: stopped")
 
 
-__all__ = ["Broker", "activation_socket", "bind_socket", "peer_credentials", "run_broker", "socket_path"]
+__all__ = ["Broker", "RunGrant", "activation_socket", "check_grant", "bind_socket", "peer_credentials", "run_broker", "socket_path"]

@@ -1,9 +1,7 @@
 """Getting an access token: from the broker if one is listening, else in this process.
 
 Both paths end in the same single-flight refresh (:func:`corral.auth.refresh.get_token`),
-so mixing them never refreshes one token twice. :func:`env_for_run` is what
-``corral run --auth PROFILE`` gives a run: an access token and the broker's socket,
-never the refresh token.
+so mixing them never refreshes one token twice. What a run gets is in :mod:`.runauth`.
 """
 
 from __future__ import annotations
@@ -109,34 +107,16 @@ def access_token(dirs: Dirs, profile: str, *, timeout: float = DEFAULT_TIMEOUT, 
     """A valid access token for *profile*: from the broker if it is up, else refreshed here
     under the same single-flight lock. ``corral auth token`` prints this."""
     if use_broker:
-        got = token_from_broker(broker_socket(dirs), profile, timeout=timeout)
+        path = broker_socket(dirs)
+        got = token_from_broker(path, profile, timeout=timeout)
         if got is not None:
             return got
+        if os.environ.get("CORRAL_RUN_ID") and os.environ.get(SOCKET_ENV):
+            # Inside a run the token store is hidden: "not signed in" would be a lie.
+            raise AuthError(f"the run's broker socket {path} does not answer (did the run's owner end?)",
+                            hint="tokens reach a run only through its socket; start the run again")
     return get_token(dirs, profile, timeout=timeout)
 
 
-def env_for_run(dirs: Dirs, profile: str, *, timeout: float = DEFAULT_TIMEOUT) -> dict[str, str]:
-    """The environment ``corral run --auth PROFILE`` adds to a run.
-
-    - ``<profile.env_var>``: a valid access token (default ``CORRAL_ACCESS_TOKEN``);
-    - ``CORRAL_AUTH_PROFILE``: the profile name;
-    - ``CORRAL_AUTH_SOCKET``: the broker socket, when a broker is listening, so that a
-      long run can ask for a fresh token (``corral auth token PROFILE`` uses it).
-
-    Never the refresh token. Unknown profile: :class:`ProfileNotFound` (exit 3); not
-    signed in or spent: :class:`SignInAgain` (exit 77).
-    """
-    prof = get_profile(dirs, profile)  # exit 3 first, whatever the broker would say
-    path = broker_socket(dirs)
-    got = token_from_broker(path, profile, timeout=timeout)
-    env = {PROFILE_ENV: profile}
-    if got is not None:
-        env[SOCKET_ENV] = str(path)
-    else:
-        got = get_token(dirs, profile, timeout=timeout)
-    env[prof.env_var] = got.access_token
-    return env
-
-
-__all__ = ["PROFILE_ENV", "SOCKET_ENV", "access_token", "ask_broker", "broker_socket", "env_for_run",
+__all__ = ["PROFILE_ENV", "SOCKET_ENV", "access_token", "ask_broker", "broker_socket",
            "token_from_broker"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,12 +28,20 @@ _ACCESS = ("access_token", "accessToken")
 _EXPIRES_AT = ("expires_at", "expiresAt", "expiry_date", "expiry", "expires")
 
 
+# What a CLI needs besides the tokens to accept a credential file corral writes for it
+# (auth/adapters.py): codex's id_token (a JWT it reads the plan and email from) and account
+# id (its ChatGPT-Account-Id header); Claude Code's subscription and rate-limit tier.
+_EXTRA = ("id_token", "account_id", "subscriptionType", "rateLimitTier")
+MOVED_SENTINEL = "moved-to-corral"  # what an imported file's refresh token is replaced with
+
+
 @dataclass(frozen=True)
 class Imported:
     refresh_token: str
     access_token: str | None
     expires_at: float | None
     scope: str | None
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _first(table: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
@@ -91,7 +99,11 @@ def parse_auth_json(data: Any, *, mtime: float | None = None, where: str = "the 
     scope = table.get("scope")
     if isinstance(table.get("scopes"), list):
         scope = " ".join(str(s) for s in table["scopes"])
-    return Imported(refresh, access, expires_at, scope if isinstance(scope, str) else None)
+    extra = {key: table[key] for key in _EXTRA if isinstance(table.get(key), str) and table[key]}
+    if refresh == MOVED_SENTINEL:
+        raise UsageError(f"{where}: its refresh token was already moved into corral",
+                         hint="sign in with that tool again, then import the file once more")
+    return Imported(refresh, access, expires_at, scope if isinstance(scope, str) else None, extra)
 
 
 def read_auth_file(path: str | os.PathLike[str]) -> Imported:
@@ -108,4 +120,46 @@ def read_auth_file(path: str | os.PathLike[str]) -> Imported:
     return parse_auth_json(data, mtime=mtime, where=str(p))
 
 
-__all__ = ["Imported", "parse_auth_json", "read_auth_file"]
+def move_out(path: str | os.PathLike[str], refresh_token: str) -> bool:
+    """Replace *refresh_token* in the file with a sentinel, so the tool that owns the file
+    no longer spends the credential corral now holds (a rotated token has one user: a
+    second refresher gets ``refresh_token_reused``). The file keeps its access token, mode
+    and owner; written atomically, under codex's own ``auth.lock`` where there is one.
+    False when the file changed meanwhile (nothing written)."""
+    import fcntl
+    import tempfile
+
+    p = Path(path).resolve()
+    lock_fd = -1
+    if p.name == "auth.json":  # codex: flock(<CODEX_HOME>/auth.lock), as codex itself writes it
+        try:
+            lock_fd = os.open(p.parent / "auth.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        except OSError:
+            lock_fd = -1
+    try:
+        st = p.stat()
+        data = json.loads(p.read_bytes())
+        table = _find(data)
+        if table is None or _first(table, _REFRESH) != refresh_token:
+            return False
+        for key in _REFRESH:
+            if table.get(key) == refresh_token:
+                table[key] = MOVED_SENTINEL  # type: ignore[index]
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            os.fchmod(fd, st.st_mode & 0o7777)
+            if os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.write(fd, json.dumps(data, indent=2).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+        return True
+    finally:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+
+
+__all__ = ["Imported", "MOVED_SENTINEL", "move_out", "parse_auth_json", "read_auth_file"]

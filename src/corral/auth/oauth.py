@@ -54,6 +54,7 @@ class Grant:
     refresh_token: str | None  # None: the server kept the old one (it MAY issue a new one)
     scope: str | None
     received_at: float
+    id_token: str | None = None  # OpenID Connect (OpenAI sends a fresh one with each refresh)
 
 
 class Rejected(Exception):
@@ -117,6 +118,7 @@ def _grant(data: Any, received_at: float) -> Grant:
         access_token=data["access_token"], token_type=str(data.get("token_type") or "Bearer"),
         expires_at=expires_at, refresh_token=refresh if isinstance(refresh, str) and refresh else None,
         scope=data.get("scope") if isinstance(data.get("scope"), str) else None, received_at=received_at,
+        id_token=data["id_token"] if isinstance(data.get("id_token"), str) and data["id_token"] else None,
     )
 
 

@@ -9,6 +9,7 @@
     env_var = "OPENAI_ACCESS_TOKEN"      # where a run gets the access token
     refresh_window = 300                 # refresh this many seconds before expiry
     token_format = "form"                # the refresh request's body: form (RFC 6749) or json
+    kind = "env"                         # how a run gets it: env, codex, claude (auth/adapters.py)
 
 A profile holds no secret: tokens live in the token store (:mod:`corral.auth.store`).
 The endpoint settings (token_url, client_id, scope, token_format) are copied into the
@@ -40,9 +41,10 @@ from ..paths import Dirs
 
 DEFAULT_ENV_VAR = "CORRAL_ACCESS_TOKEN"
 DEFAULT_REFRESH_WINDOW = 300.0  # seconds; never more than half a token's lifetime (see store.Token)
-PROFILE_KEYS = ("token_url", "client_id", "scope", "env_var", "refresh_window", "token_format")
+PROFILE_KEYS = ("token_url", "client_id", "scope", "env_var", "refresh_window", "token_format", "kind")
 ENDPOINT_KEYS = ("token_url", "client_id", "scope", "token_format")  # pinned at sign-in
 TOKEN_FORMATS = ("form", "json")
+KINDS = ("env", "codex", "claude")  # the CLI a run's credential is written for (auth/adapters.py)
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Variables a token must never overwrite: the run would break or load foreign code.
@@ -58,10 +60,11 @@ class Profile:
     env_var: str = DEFAULT_ENV_VAR
     refresh_window: float = DEFAULT_REFRESH_WINDOW
     token_format: str = "form"
+    kind: str = "env"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "token_url": self.token_url, "client_id": self.client_id, "scope": self.scope,
-                "env_var": self.env_var, "refresh_window": self.refresh_window, "token_format": self.token_format}
+                "env_var": self.env_var, "refresh_window": self.refresh_window, "token_format": self.token_format, "kind": self.kind}
 
     def endpoint(self) -> dict[str, Any]:
         """What sign-in pins in the token store."""
@@ -156,6 +159,11 @@ def _normalize(key: str, value: Any) -> Any:
         if value not in TOKEN_FORMATS:
             raise UsageError(f"invalid token format {value!r}: form (RFC 6749) or json (e.g. Anthropic's endpoint)")
         return value
+    if key == "kind":
+        if value not in KINDS:
+            raise UsageError(f"invalid kind {value!r}: one of {', '.join(KINDS)}",
+                             hint="env gives the token in a variable; codex and claude write the file that CLI reads")
+        return value
     raise UsageError(f"unknown profile setting {key!r}", hint=f"known: {', '.join(PROFILE_KEYS)}")
 
 
@@ -228,12 +236,12 @@ def list_profiles(dirs: Dirs) -> list[Profile]:
 
 def add_profile(dirs: Dirs, name: str, *, token_url: str | None = None, client_id: str | None = None,
                 scope: str | None = None, env_var: str | None = None, refresh_window: float | str | None = None,
-                token_format: str | None = None, update: bool = False) -> Profile:
+                token_format: str | None = None, kind: str | None = None, update: bool = False) -> Profile:
     """Add ``[auth.NAME]``. An existing NAME is an error (exit 2) unless *update*, which
     changes only the keys given."""
     validate_profile_name(name)
     given = {"token_url": token_url, "client_id": client_id, "scope": scope, "env_var": env_var,
-             "refresh_window": refresh_window, "token_format": token_format}
+             "refresh_window": refresh_window, "token_format": token_format, "kind": kind}
     values = {k: _normalize(k, v) for k, v in given.items() if v is not None}  # before the lock
     store = open_store(dirs)
 
@@ -260,5 +268,5 @@ def add_profile(dirs: Dirs, name: str, *, token_url: str | None = None, client_i
     return store.update(change)
 
 
-__all__ = ["DEFAULT_ENV_VAR", "DEFAULT_REFRESH_WINDOW", "ENDPOINT_KEYS", "Profile", "add_profile", "check_env_var",
+__all__ = ["DEFAULT_ENV_VAR", "DEFAULT_REFRESH_WINDOW", "ENDPOINT_KEYS", "KINDS", "Profile", "add_profile", "check_env_var",
            "check_token_url", "get_profile", "list_profiles", "validate_profile_name"]

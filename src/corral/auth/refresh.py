@@ -59,12 +59,17 @@ def _public(profile: str, token: Token) -> AccessToken:
 
 
 def get_token(dirs: Dirs, name: str, *, timeout: float = DEFAULT_TIMEOUT,
-              http_timeout: float = DEFAULT_HTTP_TIMEOUT) -> AccessToken:
+              http_timeout: float = DEFAULT_HTTP_TIMEOUT, min_valid: float = 0.0) -> AccessToken:
     """A valid access token for profile *name*, refreshing it single-flight if needed.
 
     *timeout* bounds the wait for another process's refresh (then :class:`AuthBusy`,
-    exit 75); *http_timeout* bounds this process's own request to the token endpoint."""
+    exit 75); *http_timeout* bounds this process's own request to the token endpoint.
+    *min_valid*: refresh if it expires sooner than that (an adapter writing a file that a
+    CLI refreshes by itself near expiry needs the token to outlast the CLI's own margin);
+    like the profile's refresh window, never more than half the token's lifetime."""
     profile = get_profile(dirs, name)
+    if min_valid > profile.refresh_window:
+        profile = dataclasses.replace(profile, refresh_window=min_valid)
     store = TokenStore.of(dirs, name)
     seen = _load(store)
     if not seen.needs_refresh(profile.refresh_window, time.time()):
@@ -187,6 +192,7 @@ def _refresh(profile: Profile, store: TokenStore, current: Token, prior: Marker 
         scope=grant.scope or current.scope, last_refresh=grant.received_at,
         refresh_count=current.refresh_count + 1, generation=current.generation + 1, source=current.source,
         endpoint=current.endpoint or target.endpoint(),
+        extra={**(current.extra or {}), "id_token": grant.id_token} if grant.id_token else current.extra,
     )
     store.save(new)
     checkpoint("after_store")
@@ -207,7 +213,7 @@ def _mark_dead(store: TokenStore, current: Token, reason: str) -> NoReturn:
 
 def login(dirs: Dirs, name: str, *, refresh_token: str, access_token: str | None = None,
           expires_at: float | None = None, scope: str | None = None, source: str = "login",
-          timeout: float = DEFAULT_TIMEOUT) -> Token:
+          extra: dict[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT) -> Token:
     """Store a first (or replacement) credential for profile *name*, under its lock so it
     never interleaves with a refresh. Clears a dead mark and a stale in-flight marker.
     Pins the profile's endpoint as config.toml has it now (see profiles.py)."""
@@ -228,7 +234,8 @@ def login(dirs: Dirs, name: str, *, refresh_token: str, access_token: str | None
                       expires_at=expires_at if access_token else None, obtained_at=now, scope=scope,
                       generation=(old.generation + 1) if old else 1, source=source,
                       refresh_count=old.refresh_count if old else 0,
-                      last_refresh=old.last_refresh if old else None, endpoint=profile.endpoint())
+                      last_refresh=old.last_refresh if old else None, endpoint=profile.endpoint(),
+                      extra=dict(extra) if extra else None)
         store.save(token)
         store.clear_marker()
     return token

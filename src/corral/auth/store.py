@@ -71,6 +71,9 @@ class Token:
     # token_url, client_id, scope, token_format as they were at sign-in: refreshes go there,
     # whatever config.toml says now (profiles.py). None: stored before pinning existed.
     endpoint: dict[str, Any] | None = None
+    # Kept from the imported file for the CLI adapters: codex's id_token and account_id,
+    # Claude Code's subscriptionType (importers._EXTRA). Never a refresh token.
+    extra: dict[str, str] | None = None
 
     def lifetime(self) -> float | None:
         if self.expires_at is None:
@@ -99,6 +102,8 @@ class Token:
         names = {f.name for f in dataclasses.fields(cls)}
         if data.get("endpoint") is not None and not isinstance(data["endpoint"], dict):
             raise ValueError("endpoint is not an object")
+        if data.get("extra") is not None and not isinstance(data["extra"], dict):
+            raise ValueError("extra is not an object")
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def replace(self, **changes: Any) -> "Token":

@@ -1,0 +1,227 @@
+"""Adapters: a profile's credential in the form one agent CLI reads (``[auth.X] kind``).
+
+Each run that has the profile gets its own copy in a private per-run directory
+(:mod:`.runauth`), holding the broker's current access token and never the real refresh
+token, rewritten by the run's owner before the CLI's own refresh margin:
+
+- ``env``: the access token in ``env_var`` (fixed for the run; ``corral auth token
+  PROFILE`` inside the run gets a fresh one from the run's broker socket);
+- ``codex``: ``$CODEX_HOME/auth.json`` in ChatGPT mode (id_token and account id kept from
+  sign-in, a sentinel refresh token) plus a copy of the user's codex ``config.toml``;
+  ``CODEX_REFRESH_TOKEN_URL_OVERRIDE`` points codex's own refresh at an endpoint the
+  owner serves for this run, which answers from the single flight (:mod:`.runauth`).
+  Written under ``flock($CODEX_HOME/auth.lock)``, codex's own lock, so a codex writing the
+  file at the same moment is never torn. codex re-reads the file before refreshing and
+  after a 401, so a rewrite is picked up without a restart;
+- ``claude``: ``$CLAUDE_CONFIG_DIR/.credentials.json`` with no refresh token: Claude Code
+  then never refreshes (nothing to send to its hard-coded endpoint) and re-reads the file
+  when it changes.
+
+Each adapter also names the variables that would make the CLI use another credential;
+they are removed from the run's environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .profiles import Profile
+from .refresh import AccessToken
+
+SENTINEL_PREFIX = "corral-run-"  # the refresh token a CLI sees: worthless anywhere but its run's endpoint
+
+
+class Adapter:
+    """``env``: the token in a variable. Subclasses write a file and keep it fresh."""
+
+    kind = "env"
+    # Rewrite this long before expiry. codex and Claude Code act at expiry - 5 min; the
+    # rewrite must land before that, so the CLI never decides to refresh by itself.
+    lead = 0.0
+    unset: tuple[str, ...] = ()
+
+    def __init__(self, profile: Profile, root: Path, *, run_id: str, extra: dict[str, str] | None,
+                 owner: tuple[int, int] | None) -> None:
+        self.profile = profile
+        self.root = root  # the run's private dir (runauth.run_dir)
+        self.run_id = run_id
+        self.extra = dict(extra or {})
+        self.owner = owner  # (uid, gid) the files must belong to: the run's identity
+        self.sentinel = f"{SENTINEL_PREFIX}{run_id}-{os.urandom(6).hex()}"
+
+    def setup(self, token: AccessToken, endpoint_url: str | None) -> dict[str, str]:
+        """Write the first copy; return the variables the run gets."""
+        return {self.profile.env_var: token.access_token}
+
+    def write(self, token: AccessToken) -> None:
+        """Put *token* where the CLI reads it (atomically)."""
+
+    @property
+    def wants_endpoint(self) -> bool:
+        return False
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _dir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(mode=0o700, exist_ok=True)
+        self._chown(path)
+        return path
+
+    def _chown(self, path: Path | int) -> None:
+        if self.owner is not None and os.geteuid() == 0:
+            if isinstance(path, int):
+                os.fchown(path, *self.owner)
+            else:
+                os.chown(path, *self.owner)
+
+    def _write_json(self, path: Path, data: Any, *, mode: int = 0o600) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, mode)
+            self._chown(fd)
+            os.write(fd, json.dumps(data, indent=2).encode())
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, path)  # no fsync: a per-run copy, rebuilt if lost
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _copy_config(self, source_dir: Path, names: tuple[str, ...], dest: Path) -> None:
+        """The user's own settings for the CLI, copied read-only (never their credentials)."""
+        for name in names:
+            src = source_dir / name
+            if src.is_file():
+                target = dest / name
+                shutil.copyfile(src, target)
+                os.chmod(target, 0o444)
+                self._chown(target)
+
+
+def _iso(ts: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode()).rstrip(b"=").decode()
+
+
+def unsigned_id_token(account_id: str | None, expires_at: float | None) -> str:
+    """A 3-part JWT for codex's ``id_token`` when sign-in gave none (a plain refresh
+    token). codex parses it for display (plan, email) and checks no signature; the model
+    backend never sees it."""
+    claims: dict[str, Any] = {"iss": "corral", "exp": int(expires_at or time.time() + 3600),
+                              "https://api.openai.com/auth": {"chatgpt_account_id": account_id or "",
+                                                              "chatgpt_plan_type": "unknown"}}
+    return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}.corral"
+
+
+class CodexAdapter(Adapter):
+    kind = "codex"
+    lead = 360.0  # codex refreshes at exp - 5 min
+    unset = ("OPENAI_API_KEY", "CODEX_API_KEY", "CODEX_ACCESS_TOKEN", "CODEX_REFRESH_TOKEN_URL_OVERRIDE",
+             "CODEX_REVOKE_TOKEN_URL_OVERRIDE")
+    CONFIG_FILES = ("config.toml", "AGENTS.md")
+
+    @property
+    def wants_endpoint(self) -> bool:
+        return True
+
+    @property
+    def home(self) -> Path:
+        return self.root / "codex"
+
+    def setup(self, token: AccessToken, endpoint_url: str | None) -> dict[str, str]:
+        home = self._dir("codex")
+        source = Path(os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex"))
+        self._copy_config(source, self.CONFIG_FILES, home)
+        self.write(token)
+        env = {"CODEX_HOME": str(home)}
+        if endpoint_url:
+            env["CODEX_REFRESH_TOKEN_URL_OVERRIDE"] = f"{endpoint_url}/token"
+            env["CODEX_REVOKE_TOKEN_URL_OVERRIDE"] = f"{endpoint_url}/revoke"
+        return env
+
+    def auth_json(self, token: AccessToken) -> dict[str, Any]:
+        account = self.extra.get("account_id")
+        return {
+            "auth_mode": "chatgpt",
+            "OPENAI_API_KEY": None,
+            "tokens": {"id_token": self.extra.get("id_token") or unsigned_id_token(account, token.expires_at),
+                       "access_token": token.access_token, "refresh_token": self.sentinel, "account_id": account},
+            # Without last_refresh codex sends no Authorization header at all.
+            "last_refresh": _iso(time.time()),
+        }
+
+    def write(self, token: AccessToken) -> None:
+        home = self.home
+        fd = os.open(home / "auth.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._chown(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # codex's own lock around its auth.json writes
+            self._write_json(home / "auth.json", self.auth_json(token))
+        finally:
+            os.close(fd)
+
+    def refresh_answer(self, token: AccessToken) -> dict[str, Any]:
+        """What codex's refresh request to the run's endpoint gets back."""
+        tokens = self.auth_json(token)["tokens"]
+        return {"access_token": token.access_token, "id_token": tokens["id_token"],
+                "refresh_token": self.sentinel, "token_type": token.token_type,
+                **({"expires_in": max(int(token.expires_at - time.time()), 1)} if token.expires_at else {})}
+
+
+class ClaudeAdapter(Adapter):
+    kind = "claude"
+    lead = 120.0  # with no refresh token it never refreshes; just never let the file expire
+    unset = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN",
+             "CLAUDE_CODE_OAUTH_REFRESH_TOKEN", "CLAUDE_CONFIG_DIR")
+    CONFIG_FILES = ("settings.json", "CLAUDE.md")
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "claude"
+
+    def setup(self, token: AccessToken, endpoint_url: str | None) -> dict[str, str]:
+        home = self._dir("claude")
+        source = Path(os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude"))
+        self._copy_config(source, self.CONFIG_FILES, home)
+        self.write(token)
+        return {"CLAUDE_CONFIG_DIR": str(home)}
+
+    def write(self, token: AccessToken) -> None:
+        scopes = (self.profile.scope or "user:inference").split()
+        oauth: dict[str, Any] = {"accessToken": token.access_token, "scopes": scopes,
+                                 # No refreshToken: Claude Code then never refreshes by itself.
+                                 "expiresAt": int((token.expires_at or time.time() + 3600) * 1000)}
+        for key in ("subscriptionType", "rateLimitTier"):
+            if self.extra.get(key):
+                oauth[key] = self.extra[key]
+        self._write_json(self.config_dir / ".credentials.json", {"claudeAiOauth": oauth})
+
+
+ADAPTERS: dict[str, type[Adapter]] = {"env": Adapter, "codex": CodexAdapter, "claude": ClaudeAdapter}
+
+
+def adapter_for(profile: Profile, root: Path, *, run_id: str, extra: dict[str, str] | None,
+                owner: tuple[int, int] | None) -> Adapter:
+    return ADAPTERS[profile.kind](profile, root, run_id=run_id, extra=extra, owner=owner)
+
+
+__all__ = ["ADAPTERS", "Adapter", "ClaudeAdapter", "CodexAdapter", "SENTINEL_PREFIX", "adapter_for",
+           "unsigned_id_token"]
