@@ -14,7 +14,12 @@ BACKEND_TESTS := tests/test_runs.py tests/test_lifecycle.py tests/test_library.p
                  tests/test_agent_runs.py tests/test_auth_run.py tests/test_systemd_view.py tests/test_deploy.py \
                  tests/test_isolation.py
 
-.PHONY: all deps test test-host test-stress-quick test-systemd test-user demo bench stress clean install install-user uninstall uninstall-user wheels
+# The real agent CLIs, from npm, as test inputs (tests/test_agent_clis.py). Pinned: the
+# adapters write files in the shape these versions read (auth/adapters.py).
+AGENT_CLIS  := .agent-clis
+AGENT_PKGS  := @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.197
+
+.PHONY: all deps agent-clis test test-host test-stress-quick test-systemd test-user demo bench stress clean install install-user uninstall uninstall-user wheels
 
 all: test
 
@@ -35,7 +40,14 @@ $(VENV)/.installed: pyproject.toml
 
 deps: $(VENV)/.installed
 
-test: deps test-host test-stress-quick test-systemd test-user
+$(AGENT_CLIS)/.installed: Makefile
+	@command -v npm >/dev/null || { echo "corral: installing npm"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	npm install --silent --no-audit --no-fund --prefix $(AGENT_CLIS) $(AGENT_PKGS)
+	@touch $@
+
+agent-clis: $(AGENT_CLIS)/.installed
+
+test: deps agent-clis test-host test-stress-quick test-systemd test-user
 
 test-host: deps
 	@echo "== tier 1: cgroupfs backend on this host's cgroup v2 =="

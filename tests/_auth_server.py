@@ -13,13 +13,21 @@ Subclassed to behave like the provider in issue 6:
 
 Test-only endpoints: ``POST /mint`` issues a fresh pair (a "sign-in"), ``POST /config``
 sets ``latency`` (seconds the token endpoint takes to answer, after consuming the token)
-and ``lifetime`` (access token lifetime), ``POST /reset`` zeroes the counts.
+and ``lifetime`` (access token lifetime) and ``jwt`` (access tokens shaped like OpenAI's: an
+unsigned JWT whose ``exp`` claim says when it expires), ``POST /reset`` zeroes the counts.
+
+It also plays the provider's model backend, for the real agent CLIs (codex): ``POST
+/v1/responses`` answers a Responses API stream if the bearer token is one this server
+issued and it has not expired, else 401; each such request is logged (``/stats``
+``model``: time, token, accepted). Anything else under ``/v1/`` and ``/backend-api/``
+(model lists, plugins, analytics) answers ``{}``.
 
 Run: ``python _auth_server.py`` prints the port on its first line, then serves.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -114,9 +122,19 @@ class State:
     newest_refresh_token: str | None = None
     refresh_times: list[float] = field(default_factory=list)
     timings: list[tuple[float, float, float]] = field(default_factory=list)  # arrived, processed, answered
+    model: list[dict[str, Any]] = field(default_factory=list)  # model requests: t, token, ok
+    jwt: bool = False
+
+    def access_token(self) -> str:
+        if not self.jwt:
+            return "at-" + secrets.token_urlsafe(16)
+        claims = {"exp": int(time.time() + self.lifetime), "jti": secrets.token_urlsafe(12)}
+        parts = [{"alg": "none", "typ": "JWT"}, claims]
+        return ".".join(base64.urlsafe_b64encode(json.dumps(p).encode()).rstrip(b"=").decode()
+                        for p in parts) + ".c2ln"
 
     def issue(self, scope: str = "openid offline_access") -> dict[str, Any]:
-        token = Issued("at-" + secrets.token_urlsafe(16), "rt-" + secrets.token_urlsafe(24), scope, time.time(),
+        token = Issued(self.access_token(), "rt-" + secrets.token_urlsafe(24), scope, time.time(),
                        self.lifetime)
         with self.lock:
             self.tokens[token.refresh_token] = token
@@ -195,7 +213,7 @@ class Server(AuthorizationServer):
 
 def _generate(grant_type: str, client: Client, user: Any = None, scope: str | None = None,
               expires_in: int | None = None, include_refresh_token: bool = True) -> dict[str, Any]:
-    token = {"token_type": "Bearer", "access_token": "at-" + secrets.token_urlsafe(16),
+    token = {"token_type": "Bearer", "access_token": STATE.access_token(),
              "expires_in": STATE.lifetime, "scope": scope or "openid offline_access"}
     if include_refresh_token:
         token["refresh_token"] = "rt-" + secrets.token_urlsafe(24)
@@ -209,6 +227,36 @@ AUTH.register_token_generator("default", _generate)
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status=status, mimetype="application/json")
+
+
+def _sse(events: list[dict[str, Any]]) -> Response:
+    body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+    return Response(body, mimetype="text/event-stream")
+
+
+def _model_api(request: Request) -> Response:
+    if not (request.method == "POST" and request.path == "/v1/responses"):
+        return _json({})
+    auth = request.headers.get("Authorization", "")
+    bearer = auth[7:] if auth.startswith("Bearer ") else ""
+    now = time.time()
+    with STATE.lock:
+        issued = next((t for t in STATE.tokens.values() if t.access_token == bearer), None)
+        ok = issued is not None and now < issued.issued_at + issued.expires_in
+        STATE.model.append({"t": now, "token": bearer, "ok": ok,
+                            "account": request.headers.get("ChatGPT-Account-Id")})
+    if not ok:
+        return _json({"error": {"message": "Your access token has expired.", "type": "invalid_request_error",
+                                "code": "token_expired"}}, 401)
+    rid = "resp_" + secrets.token_hex(4)
+    return _sse([
+        {"type": "response.created", "response": {"id": rid}},
+        {"type": "response.output_item.done", "item": {"type": "message", "role": "assistant", "id": "msg_1",
+                                                       "content": [{"type": "output_text", "text": "done"}]}},
+        {"type": "response.completed", "response": {"id": rid, "usage": {
+            "input_tokens": 1, "input_tokens_details": None, "output_tokens": 1, "output_tokens_details": None,
+            "total_tokens": 2}}},
+    ])
 
 
 @Request.application
@@ -232,7 +280,7 @@ def app(request: Request) -> Response:
         with STATE.lock:
             return _json({**STATE.counts, "newest_refresh_token": STATE.newest_refresh_token,
                           "refresh_times": STATE.refresh_times, "timings": STATE.timings, "latency": STATE.latency,
-                          "lifetime": STATE.lifetime})
+                          "lifetime": STATE.lifetime, "model": STATE.model})
     if request.path == "/mint" and request.method == "POST":
         with STATE.lock:
             STATE.counts["minted"] += 1
@@ -241,13 +289,17 @@ def app(request: Request) -> Response:
         conf = request.get_json(force=True)
         STATE.latency = float(conf.get("latency", STATE.latency))
         STATE.lifetime = float(conf.get("lifetime", STATE.lifetime))
-        return _json({"latency": STATE.latency, "lifetime": STATE.lifetime})
+        STATE.jwt = bool(conf.get("jwt", STATE.jwt))
+        return _json({"latency": STATE.latency, "lifetime": STATE.lifetime, "jwt": STATE.jwt})
     if request.path == "/reset" and request.method == "POST":
         with STATE.lock:
             STATE.counts.clear()
             STATE.refresh_times.clear()
             STATE.timings.clear()
+            STATE.model.clear()
         return _json({"ok": True})
+    if request.path.startswith(("/v1/", "/backend-api/")):
+        return _model_api(request)
     return _json({"error": "not_found"}, 404)
 
 

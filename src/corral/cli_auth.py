@@ -57,10 +57,15 @@ def add(profile: str, token_url: str | None, client_id: str | None, scope: str |
 @click.argument("profile")
 @click.option("--refresh-token-stdin", "from_stdin", is_flag=True, help="Read a refresh token from stdin.")
 @click.option("--from-file", "from_file", metavar="FILE", type=click.Path(dir_okay=False),
-              help="Import another tool's JSON auth file (e.g. ~/.codex/auth.json).")
-def login(profile: str, from_stdin: bool, from_file: str | None) -> None:
-    """Store PROFILE's credential (a refresh token, and an access token if the file has one)."""
-    from .auth.importers import read_auth_file
+              help="Import another tool's JSON auth file (e.g. ~/.codex/auth.json); its refresh token moves here.")
+@click.option("--keep-file", is_flag=True, help="With --from-file: leave the file's refresh token in place.")
+def login(profile: str, from_stdin: bool, from_file: str | None, keep_file: bool) -> None:
+    """Store PROFILE's credential (a refresh token, and an access token if the file has one).
+
+    A provider that rotates refresh tokens (OpenAI, Anthropic) accepts each one once, so
+    two holders of one credential end in refresh_token_reused: an imported file's refresh
+    token is replaced with a sentinel (under codex's own lock for its auth.json)."""
+    from .auth.importers import move_out, read_auth_file
     from .auth.refresh import login as do_login
     from .auth.store import iso
 
@@ -75,13 +80,18 @@ def login(profile: str, from_stdin: bool, from_file: str | None) -> None:
         assert from_file is not None
         imported = read_auth_file(from_file)
         token = do_login(dirs, profile, refresh_token=imported.refresh_token, access_token=imported.access_token,
-                         expires_at=imported.expires_at, scope=imported.scope,
+                         expires_at=imported.expires_at, scope=imported.scope, extra=imported.extra,
                          source=f"login:file:{Path(from_file).resolve()}")
-        # Rotation makes copies die: after corral's first refresh the file's refresh token
-        # is spent, and the tool that owns the file would hit refresh_token_reused.
-        click.echo(f"note: {from_file} still holds a copy of this credential; after corral's first refresh it "
-                   "is spent. Point that tool at `corral auth token` (or remove its copy) instead of using both.",
-                   err=True)
+        if keep_file:
+            click.echo(f"note: {from_file} still holds a copy of this credential; after corral's first refresh it "
+                       "is spent. Point that tool at `corral auth token` (or remove its copy) instead of using both.",
+                       err=True)
+        elif move_out(from_file, imported.refresh_token):
+            click.echo(f"note: the refresh token moved from {from_file} into corral. The tool that owns the file "
+                       f"keeps working under corral (corral run --auth {profile} ...); used outside corral it must "
+                       "sign in separately.", err=True)
+        else:
+            click.echo(f"note: {from_file} changed while it was imported; it was left as it is", err=True)
     expiry = f"access token valid until {iso(token.expires_at)}" if token.valid(token.obtained_at) else \
         "access token will be fetched on first use"
     click.echo(f"signed in auth profile {profile} ({expiry})")

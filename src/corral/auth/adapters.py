@@ -124,9 +124,15 @@ def _b64(data: dict[str, Any]) -> str:
 def unsigned_id_token(account_id: str | None, expires_at: float | None) -> str:
     """A 3-part JWT for codex's ``id_token`` when sign-in gave none (a plain refresh
     token). codex parses it for display (plan, email) and checks no signature; the model
-    backend never sees it."""
-    claims: dict[str, Any] = {"iss": "corral", "exp": int(expires_at or time.time() + 3600),
+    backend never sees it.
+
+    It names a user (``sub``, ``chatgpt_user_id``): codex compares the signed-in owner
+    before and after each refresh, and an id_token naming none reads as an account switch
+    that disables every request it makes."""
+    user = f"corral-{account_id or 'user'}"
+    claims: dict[str, Any] = {"iss": "corral", "sub": user, "exp": int(expires_at or time.time() + 3600),
                               "https://api.openai.com/auth": {"chatgpt_account_id": account_id or "",
+                                                              "chatgpt_user_id": user, "user_id": user,
                                                               "chatgpt_plan_type": "unknown"}}
     return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}.corral"
 

@@ -1,0 +1,168 @@
+"""The real agent CLIs under corral's auth adapters (issue 12): codex and Claude Code from
+npm (``make agent-clis`` puts them in .agent-clis/), against the test provider of
+_auth_server.py, which plays both the OAuth token endpoint (rotating refresh tokens,
+refresh_token_reused on a second use) and the model backend (401 for an expired token).
+
+Host tier only: the CLIs' behaviour does not depend on the backend, and the containers
+see no npm packages."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from _auth_util import Env, OAuthServer
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / ".agent-clis" / "node_modules" / ".bin"
+CODEX, CLAUDE = BIN / "codex", BIN / "claude"
+
+pytestmark = pytest.mark.skipif(not (CODEX.exists() and CLAUDE.exists()),
+                                reason="the agent CLIs are not installed (make agent-clis)")
+
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def id_token(account: str) -> str:
+    """An id_token as ChatGPT sign-in leaves it (codex checks its shape, not a signature)."""
+    claims = {"email": "dev@example.com", "sub": "auth0|user-42", "exp": int(time.time()) + 3600,
+              "https://api.openai.com/auth": {"chatgpt_account_id": account, "chatgpt_plan_type": "pro",
+                                              "chatgpt_user_id": "user-42", "user_id": "user-42"}}
+    return f"{_b64({'alg': 'RS256', 'typ': 'JWT'})}.{_b64(claims)}.c2ln"
+
+
+def codex_user(env: Env, server: OAuthServer, *, lifetime: float) -> tuple[Path, dict]:
+    """A user who signed codex in with ChatGPT: ~/.codex/auth.json and a config.toml that
+    points codex at the test provider. Returns (HOME, the minted pair)."""
+    home = env.root / "home"
+    codex_home = home / ".codex"
+    codex_home.mkdir(parents=True)
+    server.call("/config", {"lifetime": lifetime, "jwt": True})  # OpenAI's access tokens carry exp
+    pair = server.mint()
+    server.call("/config", {"lifetime": 3600})  # what corral's refresh gets lasts
+    server.call("/reset")
+    pair["id_token"] = id_token("acct-42")
+    auth = {"auth_mode": "chatgpt", "OPENAI_API_KEY": None,
+            "tokens": {"id_token": pair["id_token"], "access_token": pair["access_token"],
+                       "refresh_token": pair["refresh_token"], "account_id": "acct-42"},
+            "last_refresh": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (codex_home / "auth.json").write_text(json.dumps(auth))
+    (codex_home / "config.toml").write_text(f"""
+chatgpt_base_url = "{server.base}/backend-api/"
+model_provider = "fake"
+model = "gpt-5"
+
+[model_providers.fake]
+name = "fake"
+base_url = "{server.base}/v1"
+wire_api = "responses"
+requires_openai_auth = true
+supports_websockets = false
+""")
+    env.env.update(HOME=str(home), PATH=f"{BIN}:{os.environ['PATH']}")
+    return home, pair
+
+
+def import_codex(env: Env, server: OAuthServer, home: Path, pair: dict, signin: str = "file") -> None:
+    """Sign profile cx in from codex's auth.json (id_token and account id kept), or with
+    the bare refresh token on stdin (corral then makes up an id_token for codex)."""
+    assert env.cli("auth", "add", "cx", "--kind", "codex", "--token-url", server.token_url,
+                   "--client-id", "corral-test").returncode == 0
+    if signin == "stdin":
+        proc = env.cli("auth", "login", "cx", "--refresh-token-stdin", input=pair["refresh_token"] + "\n")
+        assert proc.returncode == 0, proc.stderr
+        return
+    proc = env.cli("auth", "login", "cx", "--from-file", str(home / ".codex" / "auth.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "moved" in proc.stderr
+    left = json.loads((home / ".codex" / "auth.json").read_text())["tokens"]
+    assert left["refresh_token"] != pair["refresh_token"], "the file no longer holds a usable refresh token"
+    assert left["access_token"] == pair["access_token"]
+
+
+def test_codex_run_sees_its_auth_json_without_the_refresh_token(tmp_path: Path, server: OAuthServer) -> None:
+    env = Env(tmp_path)
+    home, pair = codex_user(env, server, lifetime=3600)
+    import_codex(env, server, home, pair)
+    proc = env.cli("run", "--auth", "cx", "lane", "--", "sh", "-c",
+                   'cat "$CODEX_HOME/auth.json"; echo; echo @@; env | grep -c -E "^(OPENAI_API_KEY|CODEX_API_KEY)=" || true; '
+                   'cat "$CODEX_HOME/config.toml" | grep -c model_providers',
+                   extra_env={"OPENAI_API_KEY": "sk-should-not-reach-the-run"})
+    assert proc.returncode == 0, proc.stderr
+    first, _, rest = proc.stdout.partition("@@")
+    seen = json.loads(first)
+    assert seen["auth_mode"] == "chatgpt" and seen["last_refresh"]
+    tokens = seen["tokens"]
+    assert tokens["access_token"] == pair["access_token"]
+    assert tokens["id_token"] == pair["id_token"], "the id_token kept from the import"
+    assert tokens["account_id"] == "acct-42"
+    assert tokens["refresh_token"] and tokens["refresh_token"] != pair["refresh_token"]
+    # the provider does not take the sentinel
+    status, answer = server.refresh_directly(tokens["refresh_token"])
+    assert status in (400, 401) and "access_token" not in answer
+    assert rest.split() == ["0", "1"], "no competing key in the environment; the user's codex config is there"
+    assert "sk-should-not" not in proc.stdout
+
+
+@pytest.mark.parametrize("signin", ["file", "stdin"])
+def test_codex_login_status_under_corral(tmp_path: Path, server: OAuthServer, signin: str) -> None:
+    env = Env(tmp_path)
+    home, pair = codex_user(env, server, lifetime=3600)
+    import_codex(env, server, home, pair, signin)
+    proc = env.cli("run", "--auth", "cx", "lane", "--", "codex", "login", "status", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ChatGPT" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("signin", ["file", "stdin"])
+def test_parallel_codex_runs_across_an_expiry_share_one_refresh(tmp_path: Path, server: OAuthServer,
+                                                               signin: str) -> None:
+    """4 detached runs each run `codex exec` before and after the signed-in access token
+    expires at the provider. corral refreshes it once, single-flight, and rewrites every
+    run's auth.json; codex never refreshes by itself (its refresh would reach corral's
+    per-run endpoint, never the provider). Signed in from stdin, corral holds no access
+    token yet: its one refresh comes at the first run's start."""
+    lifetime = 10.0
+    env = Env(tmp_path)
+    home, pair = codex_user(env, server, lifetime=lifetime)
+    expires = time.time() + lifetime
+    import_codex(env, server, home, pair, signin)
+    work = tmp_path / "work"
+    work.mkdir()
+    runs = []
+    for i in range(4):
+        out = work / f"r{i}"
+        script = (f'codex exec --skip-git-repo-check "before {i}" > {out}.1 2>&1; echo $? >> {out}.1; '
+                  f'while [ "$(date +%s)" -le {int(expires) + 1} ]; do sleep 0.2; done; '
+                  f'codex exec --skip-git-repo-check "after {i}" > {out}.2 2>&1; echo $? >> {out}.2')
+        proc = env.cli("run", "-d", "--auth", "cx", "--cwd", str(work), "lane", "--", "sh", "-c", script)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(proc.stdout.strip())
+    for run_id in runs:
+        proc = env.cli("wait", run_id, "--timeout", "90", timeout=100)
+        assert proc.returncode == 0, (run_id, proc.stdout, proc.stderr, env.cli("logs", run_id).stdout)
+    for i in range(4):
+        for part in (1, 2):
+            text = (work / f"r{i}.{part}").read_text()
+            assert text.rstrip().endswith("0") and "done" in text, text[-2000:]
+    stats = server.stats()
+    assert stats.get("refreshed", 0) == 1, stats
+    assert stats.get("reused", 0) == 0 and stats.get("unknown", 0) == 0, stats  # no sentinel, no copy spent
+    assert stats.get("token_requests", 0) == 1, "nothing but corral's one refresh reached the token endpoint"
+    refreshed_at = stats["refresh_times"][0]
+    model = stats["model"]
+    assert len(model) >= 8 and all(m["ok"] for m in model), model
+    assert all(m["account"] == ("acct-42" if signin == "file" else None) for m in model), model
+    after = [m for m in model if m["t"] > refreshed_at + 0.5]
+    assert len(after) >= 4 and all(m["token"] != pair["access_token"] for m in after), model
+    assert len({m["token"] for m in after}) == 1
+    late = [m for m in model if m["t"] > expires]
+    assert len(late) >= 4, "the second codex exec of each run came after the first token expired"
