@@ -16,10 +16,11 @@ sets ``latency`` (seconds the token endpoint takes to answer, after consuming th
 and ``lifetime`` (access token lifetime) and ``jwt`` (access tokens shaped like OpenAI's: an
 unsigned JWT whose ``exp`` claim says when it expires), ``POST /reset`` zeroes the counts.
 
-It also plays the provider's model backend, for the real agent CLIs (codex): ``POST
-/v1/responses`` answers a Responses API stream if the bearer token is one this server
-issued and it has not expired, else 401; each such request is logged (``/stats``
-``model``: time, token, accepted). Anything else under ``/v1/`` and ``/backend-api/``
+It also plays the provider's model backend, for the real agent CLIs: ``POST
+/v1/responses`` (OpenAI's Responses API, codex) and ``POST /v1/messages`` (Anthropic's
+Messages API, Claude Code) answer a stream if the bearer token is one this server issued
+and it has not expired, else 401; each such request is logged (``/stats`` ``model``: time,
+path, token, accepted). Anything else under ``/v1/``, ``/api/`` and ``/backend-api/``
 (model lists, plugins, analytics) answers ``{}``.
 
 Run: ``python _auth_server.py`` prints the port on its first line, then serves.
@@ -234,18 +235,77 @@ def _sse(events: list[dict[str, Any]]) -> Response:
     return Response(body, mimetype="text/event-stream")
 
 
-def _model_api(request: Request) -> Response:
-    if not (request.method == "POST" and request.path == "/v1/responses"):
-        return _json({})
+def _bearer_ok(request: Request) -> bool:
+    """Log a model request; True if its bearer token was issued here and is unexpired."""
     auth = request.headers.get("Authorization", "")
     bearer = auth[7:] if auth.startswith("Bearer ") else ""
     now = time.time()
     with STATE.lock:
         issued = next((t for t in STATE.tokens.values() if t.access_token == bearer), None)
         ok = issued is not None and now < issued.issued_at + issued.expires_in
-        STATE.model.append({"t": now, "token": bearer, "ok": ok,
-                            "account": request.headers.get("ChatGPT-Account-Id")})
-    if not ok:
+        STATE.model.append({"t": now, "path": request.path, "token": bearer, "ok": ok,
+                            "account": request.headers.get("ChatGPT-Account-Id"),
+                            "api_key": request.headers.get("x-api-key")})
+    return ok
+
+
+def _anthropic_messages(request: Request) -> Response:
+    """Anthropic's Messages API, as Claude Code calls it (streamed or not)."""
+    if not _bearer_ok(request):
+        return _json({"type": "error", "error": {"type": "authentication_error",
+                                                 "message": "OAuth token has expired."}}, 401)
+    body = request.get_json(force=True, silent=True) or {}
+    model = body.get("model", "claude-test")
+    usage = {"input_tokens": 1, "output_tokens": 1}
+    message = {"id": "msg_" + secrets.token_hex(4), "type": "message", "role": "assistant", "model": model,
+               "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
+    command = _tool_command(body.get("messages") or [])
+    if command is None:
+        block, delta, stop = {"type": "text", "text": ""}, {"type": "text_delta", "text": "done"}, "end_turn"
+    else:  # a prompt "RUN: <command>" gets one Bash tool call, then "done"
+        block = {"type": "tool_use", "id": "toolu_" + secrets.token_hex(4), "name": "Bash", "input": {}}
+        delta = {"type": "input_json_delta", "partial_json": json.dumps({"command": command})}
+        stop = "tool_use"
+    if not body.get("stream"):
+        content = {**block, "input": {"command": command}} if command else {"type": "text", "text": "done"}
+        return _json({**message, "content": [content], "stop_reason": stop})
+    return _sse([
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": block},
+        {"type": "content_block_delta", "index": 0, "delta": delta},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+         "usage": {"output_tokens": 1}},
+        {"type": "message_stop"},
+    ])
+
+
+def _tool_command(messages: list[dict[str, Any]]) -> str | None:
+    """The command to call a tool with: the text after "RUN: " in the conversation's first
+    user message, unless a tool result already came back."""
+    def texts(message: dict[str, Any]) -> list[str]:
+        content = message.get("content")
+        if isinstance(content, str):
+            return [content]
+        return [c.get("text", "") for c in content or [] if isinstance(c, dict) and c.get("type") == "text"]
+
+    if any(isinstance(c, dict) and c.get("type") == "tool_result"
+           for m in messages if isinstance(m.get("content"), list) for c in m["content"]):
+        return None
+    for m in messages:
+        if m.get("role") == "user":
+            for text in texts(m):
+                if "RUN: " in text:
+                    return text.split("RUN: ", 1)[1].strip().splitlines()[0]
+    return None
+
+
+def _model_api(request: Request) -> Response:
+    if request.method == "POST" and request.path == "/v1/messages":
+        return _anthropic_messages(request)
+    if not (request.method == "POST" and request.path == "/v1/responses"):
+        return _json({})
+    if not _bearer_ok(request):
         return _json({"error": {"message": "Your access token has expired.", "type": "invalid_request_error",
                                 "code": "token_expired"}}, 401)
     rid = "resp_" + secrets.token_hex(4)
@@ -298,7 +358,7 @@ def app(request: Request) -> Response:
             STATE.timings.clear()
             STATE.model.clear()
         return _json({"ok": True})
-    if request.path.startswith(("/v1/", "/backend-api/")):
+    if request.path.startswith(("/v1/", "/backend-api/", "/api/")):
         return _model_api(request)
     return _json({"error": "not_found"}, 404)
 

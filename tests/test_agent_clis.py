@@ -166,3 +166,96 @@ def test_parallel_codex_runs_across_an_expiry_share_one_refresh(tmp_path: Path, 
     assert len({m["token"] for m in after}) == 1
     late = [m for m in model if m["t"] > expires]
     assert len(late) >= 4, "the second codex exec of each run came after the first token expired"
+
+
+class ConnectLog:
+    """An HTTPS proxy on 127.0.0.1 that only writes down where a client tried to go (each
+    CONNECT's host) and refuses it: a run whose HTTPS_PROXY points here shows every
+    outside host the CLI would have contacted, with nothing leaving the machine."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.hosts: list[str] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    line = conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+                    self.hosts.append(line.split()[1] if len(line.split()) > 1 else line)
+                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def claude_user(env: Env, server: OAuthServer, *, lifetime: float) -> tuple[Path, dict]:
+    """A user signed in to Claude Code: ~/.claude/.credentials.json as its sign-in leaves it."""
+    home = env.root / "home"
+    (home / ".claude").mkdir(parents=True)
+    server.call("/config", {"lifetime": lifetime})
+    pair = server.mint()
+    server.call("/config", {"lifetime": 3600})
+    server.call("/reset")
+    creds = {"claudeAiOauth": {"accessToken": pair["access_token"], "refreshToken": pair["refresh_token"],
+                               "expiresAt": int((time.time() + lifetime) * 1000),
+                               "scopes": ["user:inference", "user:profile"], "subscriptionType": "pro"}}
+    (home / ".claude" / ".credentials.json").write_text(json.dumps(creds))
+    env.env.update(HOME=str(home), PATH=f"{BIN}:{os.environ['PATH']}")
+    return home, pair
+
+
+def test_claude_run_outlives_its_token_on_brokered_credentials(tmp_path: Path, server: OAuthServer) -> None:
+    """One `claude -p` process asks the model, runs a tool for longer than the signed-in
+    access token lives, and asks again. Without corral the second request gets 401 (Claude
+    Code holds no refresh token it could use); under corral the run's .credentials.json
+    was rewritten with the broker's new token, which Claude Code re-reads. Its own token
+    endpoint (platform.claude.com, through the logging proxy) is never contacted."""
+    lifetime = 8.0
+    env = Env(tmp_path)
+    home, pair = claude_user(env, server, lifetime=lifetime)
+    expires = time.time() + lifetime
+    assert env.cli("auth", "add", "cl", "--kind", "claude", "--token-url", server.token_url,
+                   "--client-id", "corral-test").returncode == 0
+    proc = env.cli("auth", "login", "cl", "--from-file", str(home / ".claude" / ".credentials.json"))
+    assert proc.returncode == 0 and "moved" in proc.stderr, proc.stderr
+    proxy = ConnectLog()
+    try:
+        sleep = int(lifetime) + 3
+        proc = env.cli("run", "--auth", "cl", "lane",
+                       "--env", f"ANTHROPIC_BASE_URL={server.base}", "--env", f"HTTPS_PROXY={proxy.url}",
+                       "--env", "NO_PROXY=127.0.0.1,localhost", "--env", "DISABLE_TELEMETRY=1",
+                       "--env", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "--", "sh", "-c",
+                       f'test ! -e "$CLAUDE_CONFIG_DIR/.credentials.json" || '
+                       f'! grep -q refreshToken "$CLAUDE_CONFIG_DIR/.credentials.json" || exit 9; '
+                       f'claude -p "RUN: sleep {sleep}" --allowedTools "Bash(sleep:*)"',
+                       extra_env={"ANTHROPIC_API_KEY": "sk-ant-should-not-reach-the-run"}, timeout=90)
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert "done" in proc.stdout
+    model = [m for m in server.stats()["model"] if m["path"] == "/v1/messages"]
+    assert len(model) >= 2 and all(m["ok"] for m in model), model
+    assert all(m["api_key"] is None for m in model), "the API key variable did not reach Claude Code"
+    first, last = model[0], model[-1]
+    assert first["token"] == pair["access_token"] and first["t"] < expires
+    assert last["t"] > expires and last["token"] != pair["access_token"], "past the expiry, a new token"
+    stats = server.stats()
+    assert stats.get("refreshed", 0) == 1 and stats.get("token_requests", 0) == 1, stats
+    assert stats.get("reused", 0) == 0, stats
+    # Claude Code's token endpoint is hard-coded (TOKEN_URL platform.claude.com in its
+    # bundle). With non-essential traffic off it tries no outside host at all; with it on,
+    # api.anthropic.com (account metadata) shows up here, so the proxy does see its traffic.
+    assert proxy.hosts == [], proxy.hosts
