@@ -16,8 +16,12 @@ BACKEND_TESTS := tests/test_runs.py tests/test_lifecycle.py tests/test_library.p
 
 # The real agent CLIs, from npm, as test inputs (tests/test_agent_clis.py). Pinned: the
 # adapters write files in the shape these versions read (auth/adapters.py).
+# openclaw needs Node >= 24.16; Debian's is older, so a Node from npm serves it.
 AGENT_CLIS  := .agent-clis
-AGENT_PKGS  := @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.197
+AGENT_PKGS  := @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.197 openclaw@2026.9.6
+NODE_ARCH   := $(if $(filter aarch64,$(shell uname -m)),arm64,x64)
+AGENT_NODE  := node-linux-$(NODE_ARCH)@24.22.3
+AGENT_NODE_BIN := $(CURDIR)/$(AGENT_CLIS)/node/node_modules/node-linux-$(NODE_ARCH)/bin
 
 .PHONY: all deps agent-clis test test-host test-stress-quick test-systemd test-user demo bench stress clean install install-user uninstall uninstall-user wheels
 
@@ -42,7 +46,8 @@ deps: $(VENV)/.installed
 
 $(AGENT_CLIS)/.installed: Makefile
 	@command -v npm >/dev/null || { echo "corral: installing npm"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
-	npm install --silent --no-audit --no-fund --prefix $(AGENT_CLIS) $(AGENT_PKGS)
+	npm install --silent --no-audit --no-fund --prefix $(AGENT_CLIS)/node $(AGENT_NODE)
+	PATH=$(AGENT_NODE_BIN):$$PATH npm install --silent --no-audit --no-fund --prefix $(AGENT_CLIS) $(AGENT_PKGS)
 	@touch $@
 
 agent-clis: $(AGENT_CLIS)/.installed

@@ -1,5 +1,5 @@
-"""The real agent CLIs under corral's auth adapters (issue 12): codex and Claude Code from
-npm (``make agent-clis`` puts them in .agent-clis/), against the test provider of
+"""The real agent CLIs under corral's auth adapters (issue 12): codex, Claude Code and
+openclaw from npm (``make agent-clis`` puts them in .agent-clis/), against the test provider of
 _auth_server.py, which plays both the OAuth token endpoint (rotating refresh tokens,
 refresh_token_reused on a second use) and the model backend (401 for an expired token).
 
@@ -21,9 +21,10 @@ from _auth_util import Env, OAuthServer
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".agent-clis" / "node_modules" / ".bin"
-CODEX, CLAUDE = BIN / "codex", BIN / "claude"
+CODEX, CLAUDE, OPENCLAW = BIN / "codex", BIN / "claude", BIN / "openclaw"
+NODE_BIN = next((REPO / ".agent-clis" / "node" / "node_modules").glob("node-linux-*/bin"), Path("/nonexistent"))
 
-pytestmark = pytest.mark.skipif(not (CODEX.exists() and CLAUDE.exists()),
+pytestmark = pytest.mark.skipif(not (CODEX.exists() and CLAUDE.exists() and OPENCLAW.exists()),
                                 reason="the agent CLIs are not installed (make agent-clis)")
 
 
@@ -259,3 +260,62 @@ def test_claude_run_outlives_its_token_on_brokered_credentials(tmp_path: Path, s
     # bundle). With non-essential traffic off it tries no outside host at all; with it on,
     # api.anthropic.com (account metadata) shows up here, so the proxy does see its traffic.
     assert proxy.hosts == [], proxy.hosts
+
+
+def _profile_state(status_output: str, profile_id: str) -> dict:
+    """The profile's entry in `openclaw models status --json` (banner lines skipped)."""
+    data = json.loads(status_output[status_output.index("{"):])
+    found: list[dict] = []
+
+    def walk(x: object) -> None:
+        if isinstance(x, dict):
+            if x.get("profileId") == profile_id:
+                found.append(x)
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(data)
+    assert found, data
+    return found[0]
+
+
+def test_openclaw_lists_the_runs_token_profile_as_valid_and_it_is_kept_fresh(tmp_path: Path,
+                                                                           server: OAuthServer) -> None:
+    """openclaw 2026.9 under corral: the run's own state dir holds one `token` profile
+    (corral:oc), added and rewritten through openclaw's own paste-token; `openclaw models
+    status` calls it valid, and later in the run its expiry has moved on (corral
+    refreshed and rewrote it before it ran out). The user's own ~/.openclaw is not touched."""
+    lifetime = 16.0
+    env = Env(tmp_path)
+    home = env.root / "home"
+    home.mkdir()
+    env.env.update(HOME=str(home), PATH=f"{NODE_BIN}:{BIN}:{os.environ['PATH']}")
+    server.call("/config", {"lifetime": lifetime})
+    pair = server.mint()
+    server.call("/reset")
+    assert env.cli("auth", "add", "oc", "--kind", "openclaw", "--provider", "openai", "--token-url",
+                   server.token_url, "--client-id", "corral-test").returncode == 0
+    proc = env.cli("auth", "login", "oc", "--refresh-token-stdin", input=pair["refresh_token"] + "\n")
+    assert proc.returncode == 0, proc.stderr
+    wait = int(lifetime * 0.75)
+    proc = env.cli("run", "--auth", "oc", "lane", "--", "sh", "-c",
+                   'openclaw models status --json; echo @@; '
+                   'env | grep -c -E "^(OPENAI_API_KEY|OPENCLAW_CONFIG_PATH)=" || true; echo @@; '
+                   f'sleep {wait}; openclaw models status --json',
+                   extra_env={"OPENAI_API_KEY": "sk-should-not-reach-the-run", "OPENCLAW_CONFIG_PATH": "/x"},
+                   timeout=180)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    first, count, second = proc.stdout.split("@@")
+    before, after = _profile_state(first, "corral:oc"), _profile_state(second, "corral:oc")
+    for state in (before, after):
+        assert state["type"] == "token" and state["provider"] == "openai", state
+        assert state["status"] in ("ok", "expiring") and state["remainingMs"] > 0, state  # expiring: < 24 h
+    assert after["expiresAt"] > before["expiresAt"], "rewritten with a newer token while the run lived"
+    assert count.split() == ["0"], "no competing key or config path in the run's environment"
+    stats = server.stats()
+    assert stats.get("refreshed", 0) >= 2 and stats.get("reused", 0) == 0, stats
+    assert stats.get("token_requests", 0) == stats["refreshed"], "only corral's refreshes reached the provider"
+    assert not (home / ".openclaw").exists()

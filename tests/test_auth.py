@@ -61,11 +61,25 @@ def test_auth_add_writes_a_profile_through_the_locked_writer(env: Env, server: O
     ("--token-url", "https://a.example/token", "--client-id", "x", "--env-var", "PATH"),
     ("--token-url", "https://a.example/token", "--client-id", "x", "--env-var", "1BAD"),
     ("--token-url", "https://a.example/token"),  # no client id
+    ("--token-url", "https://a.example/token", "--client-id", "x", "--kind", "openclaw"),  # which provider?
+    ("--token-url", "https://a.example/token", "--client-id", "x", "--kind", "openclaw", "--provider", "Bad Id"),
 ])
 def test_auth_add_rejects_bad_input_with_exit_2(env: Env, args: tuple[str, ...]) -> None:
     proc = env.cli("auth", "add", "p1", *args)
     assert proc.returncode == 2, proc.stderr
     assert not (env.dirs.config / "config.toml").exists() or "p1" not in (env.dirs.config / "config.toml").read_text()
+
+
+def test_openclaw_provider_is_read_off_the_token_url_or_given(env: Env) -> None:
+    assert add_profile(env.dirs, "o1", token_url="https://auth.openai.com/oauth/token", client_id="c",
+                       kind="openclaw").openclaw_provider() == "openai"
+    assert add_profile(env.dirs, "o2", token_url="https://platform.claude.com/v1/oauth/token", client_id="c",
+                       kind="openclaw").openclaw_provider() == "anthropic"
+    assert add_profile(env.dirs, "o3", token_url="https://a.example/t", client_id="c", kind="openclaw",
+                       provider="openrouter").openclaw_provider() == "openrouter"
+    proc = env.cli("auth", "add", "o4", "--token-url", "https://a.example/t", "--client-id", "c", "--kind", "openclaw")
+    assert proc.returncode == 2 and "--provider" in proc.stderr, proc.stderr
+    assert "o4" not in (env.dirs.config / "config.toml").read_text()
 
 
 def test_bad_profile_name_and_bad_table(env: Env) -> None:
@@ -218,9 +232,17 @@ def test_login_from_codex_file(env: Env, server: OAuthServer, tmp_path: Path) ->
     auth_json = tmp_path / "auth.json"
     auth_json.write_text(json.dumps({"tokens": {"access_token": _jwt(exp), "refresh_token": pair["refresh_token"]},
                                      "last_refresh": "2025-01-01T00:00:00Z"}))
+    original = auth_json.read_bytes()
+    proc = env.cli("auth", "login", "p1", "--from-file", str(auth_json), "--keep-file")
+    assert proc.returncode == 0, proc.stderr
+    assert "still holds a copy" in proc.stderr and auth_json.read_bytes() == original
     proc = env.cli("auth", "login", "p1", "--from-file", str(auth_json))
     assert proc.returncode == 0, proc.stderr
-    assert "still holds a copy" in proc.stderr
+    assert "moved" in proc.stderr
+    left = json.loads(auth_json.read_text())["tokens"]
+    assert left["access_token"] == _jwt(exp) and left["refresh_token"] != pair["refresh_token"]
+    again = env.cli("auth", "login", "p1", "--from-file", str(auth_json))
+    assert again.returncode == 2 and "already moved into corral" in again.stderr, again.stderr
     entry = json.loads(env.cli("auth", "status", "p1", "--json").stdout)["profiles"][0]
     assert entry["state"] == "valid" and 800 < entry["expires_in"] <= 900
     assert env.cli("auth", "token", "p1").stdout.strip() == _jwt(exp)  # still valid: no refresh

@@ -36,19 +36,22 @@ def auth() -> None:
 @click.option("--refresh-window", metavar="SECS", help="Refresh this long before expiry (default 300).")
 @click.option("--token-format", type=click.Choice(["form", "json"]), default=None,
               help="Body of the refresh request: form (RFC 6749, default) or json (Anthropic's endpoint).")
-@click.option("--kind", type=click.Choice(["env", "codex", "claude"]), default=None,
-              help="The CLI runs use it with: env (a variable, default), codex ($CODEX_HOME/auth.json) or claude "
-                   "($CLAUDE_CONFIG_DIR/.credentials.json).")
+@click.option("--kind", type=click.Choice(["env", "codex", "claude", "openclaw"]), default=None,
+              help="The CLI runs use it with: env (a variable, default), codex ($CODEX_HOME/auth.json), claude "
+                   "($CLAUDE_CONFIG_DIR/.credentials.json) or openclaw (a token profile in $OPENCLAW_STATE_DIR).")
+@click.option("--provider", metavar="ID", help="With --kind openclaw: openclaw's provider id (default: from the "
+                                               "token URL, openai or anthropic).")
 @click.option("--update", is_flag=True, help="Change an existing profile (only the options given).")
 def add(profile: str, token_url: str | None, client_id: str | None, scope: str | None, env_var: str | None,
-        refresh_window: str | None, token_format: str | None, kind: str | None, update: bool) -> None:
+        refresh_window: str | None, token_format: str | None, kind: str | None, provider: str | None,
+        update: bool) -> None:
     """Add auth PROFILE to config.toml (no secret goes there). The endpoint settings are
     pinned with the credential at `corral auth login`: change them, then sign in again."""
     from .auth.profiles import add_profile
 
     p = add_profile(Dirs.from_env(), profile, token_url=token_url, client_id=client_id, scope=scope,
                     env_var=env_var, refresh_window=refresh_window, token_format=token_format, kind=kind,
-                    update=update)
+                    provider=provider, update=update)
     click.echo(f"auth profile {p.name}: {p.token_url} (client {p.client_id}); "
                f"sign in with: corral auth login {p.name} --refresh-token-stdin")
 

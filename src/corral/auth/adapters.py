@@ -15,7 +15,9 @@ token, rewritten by the run's owner before the CLI's own refresh margin:
   after a 401, so a rewrite is picked up without a restart;
 - ``claude``: ``$CLAUDE_CONFIG_DIR/.credentials.json`` with no refresh token: Claude Code
   then never refreshes (nothing to send to its hard-coded endpoint) and re-reads the file
-  when it changes.
+  when it changes;
+- ``openclaw``: a ``token`` profile in a per-run ``OPENCLAW_STATE_DIR``, added and
+  rewritten through openclaw's own ``models auth paste-token``.
 
 Each adapter also names the variables that would make the CLI use another credential;
 they are removed from the run's environment.
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import AuthError, UsageError
 from .profiles import Profile
 from .refresh import AccessToken
 
@@ -221,7 +224,86 @@ class ClaudeAdapter(Adapter):
         self._write_json(self.config_dir / ".credentials.json", {"claudeAiOauth": oauth})
 
 
-ADAPTERS: dict[str, type[Adapter]] = {"env": Adapter, "codex": CodexAdapter, "claude": ClaudeAdapter}
+class OpenclawAdapter(Adapter):
+    """A per-run ``OPENCLAW_STATE_DIR`` and ``OPENCLAW_HOME`` whose only credential is a
+    ``token`` profile (``corral:PROFILE``) holding the broker's access token. openclaw
+    never refreshes ``token`` profiles, so corral rewrites it before expiry, the way
+    openclaw itself adds one: ``openclaw models auth paste-token`` (token on stdin), run as
+    the run's user. openclaw keeps profiles in SQLite, whose own locking makes a rewrite
+    safe beside a running openclaw. ``OPENCLAW_HOME`` rather than ``HOME``: openclaw
+    imports codex and Claude Code logins it finds in its home, and everything else in
+    the run (git, ssh) keeps the run's own HOME."""
+
+    kind = "openclaw"
+    lead = 300.0
+    unset = ("OPENCLAW_STATE_DIR", "OPENCLAW_HOME", "OPENCLAW_CONFIG_PATH", "OPENCLAW_PROFILE", "OPENAI_API_KEY",
+             "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+    CONFIG_FILES = ("openclaw.json",)
+    PASTE_TIMEOUT = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.provider = self.profile.openclaw_provider()
+        # Found once, on the launching user's PATH: the refresher must not pick up
+        # another binary that a run put on some PATH later.
+        self.binary = shutil.which("openclaw")
+        if self.binary is None:
+            raise UsageError(f"auth profile {self.profile.name!r} is of kind openclaw, but openclaw is not on PATH",
+                             hint="install it (npm install -g openclaw), or use --kind env")
+        self.path = os.environ.get("PATH", "/usr/bin:/bin")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "openclaw" / "state"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "openclaw" / "home"
+
+    @property
+    def profile_id(self) -> str:
+        return f"corral:{self.profile.name}"
+
+    def setup(self, token: AccessToken, endpoint_url: str | None) -> dict[str, str]:
+        self._dir("openclaw")
+        state, home = self._dir("openclaw/state"), self._dir("openclaw/home")
+        source = Path(os.environ.get("OPENCLAW_STATE_DIR") or os.path.expanduser("~/.openclaw"))
+        for name in self.CONFIG_FILES:  # the user's settings; paste-token adds the profile to the copy
+            if (source / name).is_file():
+                shutil.copyfile(source / name, state / name)
+                os.chmod(state / name, 0o600)
+                self._chown(state / name)
+        self.write(token)
+        return {"OPENCLAW_STATE_DIR": str(state), "OPENCLAW_HOME": str(home)}
+
+    def write(self, token: AccessToken) -> None:
+        import subprocess
+
+        argv = [self.binary or "openclaw", "models", "auth", "paste-token", "--provider", self.provider,
+                "--profile-id", self.profile_id]
+        if token.expires_at is not None:
+            argv += ["--expires-in", f"{max(int(token.expires_at - time.time()), 1)}s"]
+        env = {"PATH": self.path, "HOME": str(self.home), "OPENCLAW_HOME": str(self.home),
+               "OPENCLAW_STATE_DIR": str(self.state_dir), "NO_COLOR": "1", "OPENCLAW_NO_AUTO_UPDATE": "1",
+               "LANG": os.environ.get("LANG", "C.UTF-8")}
+        ids: dict[str, Any] = {}
+        if self.owner is not None and os.geteuid() == 0 and self.owner[0] != 0:
+            ids = {"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
+        try:
+            proc = subprocess.run(argv, input=token.access_token, env=env, cwd=str(self.home), text=True,
+                                  capture_output=True, timeout=self.PASTE_TIMEOUT, check=False, **ids)
+        except subprocess.TimeoutExpired:
+            raise AuthError(f"openclaw models auth paste-token did not finish in {self.PASTE_TIMEOUT:.0f} s") \
+                from None
+        except OSError as err:
+            raise AuthError(f"cannot run {argv[0]}: {err.strerror or err}") from None
+        if proc.returncode != 0:
+            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            raise AuthError(f"openclaw models auth paste-token failed: {last[0]}")
+
+
+ADAPTERS: dict[str, type[Adapter]] = {"env": Adapter, "codex": CodexAdapter, "claude": ClaudeAdapter,
+                                      "openclaw": OpenclawAdapter}
 
 
 def adapter_for(profile: Profile, root: Path, *, run_id: str, extra: dict[str, str] | None,
@@ -229,5 +311,5 @@ def adapter_for(profile: Profile, root: Path, *, run_id: str, extra: dict[str, s
     return ADAPTERS[profile.kind](profile, root, run_id=run_id, extra=extra, owner=owner)
 
 
-__all__ = ["ADAPTERS", "Adapter", "ClaudeAdapter", "CodexAdapter", "SENTINEL_PREFIX", "adapter_for",
-           "unsigned_id_token"]
+__all__ = ["ADAPTERS", "Adapter", "ClaudeAdapter", "CodexAdapter", "OpenclawAdapter", "SENTINEL_PREFIX",
+           "adapter_for", "unsigned_id_token"]

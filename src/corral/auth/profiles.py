@@ -9,7 +9,8 @@
     env_var = "OPENAI_ACCESS_TOKEN"      # where a run gets the access token
     refresh_window = 300                 # refresh this many seconds before expiry
     token_format = "form"                # the refresh request's body: form (RFC 6749) or json
-    kind = "env"                         # how a run gets it: env, codex, claude (auth/adapters.py)
+    kind = "env"                         # how a run gets it: env, codex, claude, openclaw (auth/adapters.py)
+    provider = "openai"                  # kind openclaw: openclaw's provider id (default: from token_url)
 
 A profile holds no secret: tokens live in the token store (:mod:`corral.auth.store`).
 The endpoint settings (token_url, client_id, scope, token_format) are copied into the
@@ -41,12 +42,13 @@ from ..paths import Dirs
 
 DEFAULT_ENV_VAR = "CORRAL_ACCESS_TOKEN"
 DEFAULT_REFRESH_WINDOW = 300.0  # seconds; never more than half a token's lifetime (see store.Token)
-PROFILE_KEYS = ("token_url", "client_id", "scope", "env_var", "refresh_window", "token_format", "kind")
+PROFILE_KEYS = ("token_url", "client_id", "scope", "env_var", "refresh_window", "token_format", "kind", "provider")
 ENDPOINT_KEYS = ("token_url", "client_id", "scope", "token_format")  # pinned at sign-in
 TOKEN_FORMATS = ("form", "json")
-KINDS = ("env", "codex", "claude")  # the CLI a run's credential is written for (auth/adapters.py)
+KINDS = ("env", "codex", "claude", "openclaw")  # the CLI a run's credential is written for (auth/adapters.py)
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PROVIDER = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 # Variables a token must never overwrite: the run would break or load foreign code.
 _RESERVED_ENV = {"PATH", "HOME", "USER", "SHELL", "PWD", "TERM", "CORRAL_AUTH_SOCKET", "CORRAL_AUTH_PROFILE"}
 
@@ -61,10 +63,25 @@ class Profile:
     refresh_window: float = DEFAULT_REFRESH_WINDOW
     token_format: str = "form"
     kind: str = "env"
+    provider: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "token_url": self.token_url, "client_id": self.client_id, "scope": self.scope,
-                "env_var": self.env_var, "refresh_window": self.refresh_window, "token_format": self.token_format, "kind": self.kind}
+                "env_var": self.env_var, "refresh_window": self.refresh_window, "token_format": self.token_format,
+                "kind": self.kind, "provider": self.provider}
+
+    def openclaw_provider(self) -> str:
+        """The provider id openclaw files this credential under: ``provider``, else read
+        off the token endpoint's host (OpenAI's or Anthropic's)."""
+        if self.provider:
+            return self.provider
+        host = "." + (urlsplit(self.token_url).hostname or "").lower()
+        for suffix, provider in ((".openai.com", "openai"), (".anthropic.com", "anthropic"),
+                                 (".claude.com", "anthropic")):
+            if host.endswith(suffix):
+                return provider
+        raise UsageError(f"auth profile {self.name!r} (kind openclaw): which openclaw provider is it for?",
+                         hint=f"corral auth add {self.name} --update --provider NAME (e.g. openai, anthropic)")
 
     def endpoint(self) -> dict[str, Any]:
         """What sign-in pins in the token store."""
@@ -162,7 +179,11 @@ def _normalize(key: str, value: Any) -> Any:
     if key == "kind":
         if value not in KINDS:
             raise UsageError(f"invalid kind {value!r}: one of {', '.join(KINDS)}",
-                             hint="env gives the token in a variable; codex and claude write the file that CLI reads")
+                             hint="env gives the token in a variable; codex, claude and openclaw write what that CLI reads")
+        return value
+    if key == "provider":
+        if not isinstance(value, str) or not _PROVIDER.fullmatch(value):
+            raise UsageError(f"invalid provider {value!r}: openclaw's provider id, e.g. openai or anthropic")
         return value
     raise UsageError(f"unknown profile setting {key!r}", hint=f"known: {', '.join(PROFILE_KEYS)}")
 
@@ -236,12 +257,13 @@ def list_profiles(dirs: Dirs) -> list[Profile]:
 
 def add_profile(dirs: Dirs, name: str, *, token_url: str | None = None, client_id: str | None = None,
                 scope: str | None = None, env_var: str | None = None, refresh_window: float | str | None = None,
-                token_format: str | None = None, kind: str | None = None, update: bool = False) -> Profile:
+                token_format: str | None = None, kind: str | None = None, provider: str | None = None,
+                update: bool = False) -> Profile:
     """Add ``[auth.NAME]``. An existing NAME is an error (exit 2) unless *update*, which
     changes only the keys given."""
     validate_profile_name(name)
     given = {"token_url": token_url, "client_id": client_id, "scope": scope, "env_var": env_var,
-             "refresh_window": refresh_window, "token_format": token_format, "kind": kind}
+             "refresh_window": refresh_window, "token_format": token_format, "kind": kind, "provider": provider}
     values = {k: _normalize(k, v) for k, v in given.items() if v is not None}  # before the lock
     store = open_store(dirs)
 
@@ -263,7 +285,10 @@ def add_profile(dirs: Dirs, name: str, *, token_url: str | None = None, client_i
         for key in PROFILE_KEYS:  # a stable key order
             if key in values:
                 entry[key] = values[key]
-        return _from_table(name, entry, str(store.path))
+        profile = _from_table(name, entry, str(store.path))
+        if profile.kind == "openclaw":
+            profile.openclaw_provider()  # raises before the write if it can't be told
+        return profile
 
     return store.update(change)
 
