@@ -113,6 +113,29 @@ def test_codex_run_sees_its_auth_json_without_the_refresh_token(tmp_path: Path, 
     assert "sk-should-not" not in proc.stdout
 
 
+def test_what_codex_writes_outlives_the_run_in_the_agents_data_dir(tmp_path: Path, server: OAuthServer) -> None:
+    """The run's CODEX_HOME is private and goes with the run; codex's sessions and state
+    databases stay with the agent: the second run sees the first one's session, and after
+    it both are kept. Another agent's runs start with nothing."""
+    env = Env(tmp_path)
+    home, pair = codex_user(env, server, lifetime=3600)
+    import_codex(env, server, home, pair)
+    data = env.dirs.state / "agent-data" / "lane" / "codex"
+    count = 'find -L "$CODEX_HOME/sessions" -name "rollout-*" 2>/dev/null | wc -l'
+    for i in range(2):
+        proc = env.cli("run", "--auth", "cx", "--cwd", str(tmp_path), "lane", "--", "sh", "-c",
+                       f'{count}; codex exec --skip-git-repo-check "task {i}" >/dev/null 2>&1 || exit 7; {count}',
+                       timeout=90)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        assert proc.stdout.split() == [str(i), str(i + 1)], proc.stdout
+    assert len(list((data / "sessions").rglob("rollout-*"))) == 2
+    assert not (data / "auth.json").exists(), "the credential stays per run"
+    assert list(data.glob("state_*.sqlite")), "codex's state database is kept with the agent"
+    assert not list((env.dirs.runtime / "run-auth").iterdir()), "the per-run dirs are gone"
+    proc = env.cli("run", "--auth", "cx", "other", "--", "sh", "-c", count)
+    assert proc.returncode == 0 and proc.stdout.split() == ["0"], (proc.stdout, proc.stderr)
+
+
 @pytest.mark.parametrize("signin", ["file", "stdin"])
 def test_codex_login_status_under_corral(tmp_path: Path, server: OAuthServer, signin: str) -> None:
     env = Env(tmp_path)

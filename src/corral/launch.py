@@ -82,7 +82,8 @@ def _prepare_auth(corral: "Corral", spec: RunSpec, record: RunRecord) -> tuple[R
     run_auth = prepare_run_auth(corral.dirs, agent=spec.agent, run_id=record.id, grants=spec.auth, owner=owner)
     store = str(corral.dirs.state / "auth")
     spec = dataclasses.replace(spec, env={**run_auth.env, **spec.env}, hidden_paths=(*spec.hidden_paths, store),
-                               env_unset=(*spec.env_unset, *run_auth.unset))
+                               env_unset=(*spec.env_unset, *run_auth.unset),
+                               bind_back=(*spec.bind_back, *run_auth.shared))
     return spec, run_auth
 
 def _sandbox(corral: "Corral", spec: RunSpec, record: RunRecord) -> "Sandbox":
@@ -100,7 +101,7 @@ def _sandbox(corral: "Corral", spec: RunSpec, record: RunRecord) -> "Sandbox":
         socket = spec.env.get("CORRAL_AUTH_SOCKET")
         bind_back = (socket,) if socket else ()
     return plan(spec.isolation, agent=spec.agent, argv=spec.argv, cwd=record.cwd, env=spec.env,
-                corral_env=corral_env, hidden=hidden, bind_back=bind_back, unset=spec.env_unset,
+                corral_env=corral_env, hidden=hidden, bind_back=(*bind_back, *spec.bind_back), unset=spec.env_unset,
                 state_dir=str(dirs.state))
 
 def _take_leases(corral: "Corral", spec: RunSpec, on_wait: Callable[[object], None] | None) -> list["Lease"]:

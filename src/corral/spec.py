@@ -61,6 +61,7 @@ class RunSpec:
     # kind's CLI reads, and the run's broker socket serves these and no others.
     auth: tuple[str, ...] = ()
     env_unset: tuple[str, ...] = ()  # inherited variables the run must not get
+    bind_back: tuple[str, ...] = ()  # paths under the hidden dirs the run must still reach (auth/runauth.py)
 
     def __post_init__(self) -> None:
         validate_agent(self.agent)
@@ -73,6 +74,7 @@ class RunSpec:
         auth = (self.auth,) if isinstance(self.auth, str) else tuple(self.auth)
         object.__setattr__(self, "auth", tuple(dict.fromkeys(auth)))  # in order, each once
         object.__setattr__(self, "env_unset", tuple(self.env_unset))
+        object.__setattr__(self, "bind_back", tuple(self.bind_back))
         if self.timeout is not None:
             object.__setattr__(self, "timeout", parse_duration(self.timeout))
         for key in self.env:

@@ -10,6 +10,8 @@ token, rewritten by the run's owner before the CLI's own refresh margin:
   sign-in, a sentinel refresh token) plus a copy of the user's codex ``config.toml``;
   ``CODEX_REFRESH_TOKEN_URL_OVERRIDE`` points codex's own refresh at an endpoint the
   owner serves for this run, which answers from the single flight (:mod:`.runauth`).
+  Everything else codex writes there (sessions, history, its state databases) lives in
+  the agent's data dir, linked in at the start and merged back at the end.
   Written under ``flock($CODEX_HOME/auth.lock)``, codex's own lock, so a codex writing the
   file at the same moment is never torn. codex re-reads the file before refreshing and
   after a 401, so a rewrite is picked up without a restart;
@@ -71,6 +73,14 @@ class Adapter:
     @property
     def wants_endpoint(self) -> bool:
         return False
+
+    # The CLI writes data of its own next to its credential (sessions, history): if so,
+    # that part lives in a per-agent ``data_dir`` (runauth.agent_data_dir), set before setup.
+    keeps_data = False
+    data_dir: Path | None = None
+
+    def finish(self) -> None:
+        """The run has ended: keep what must outlive it."""
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -155,10 +165,15 @@ class CodexAdapter(Adapter):
     def home(self) -> Path:
         return self.root / "codex"
 
+    keeps_data = True
+    OWN = ("auth.json", "auth.lock", *CONFIG_FILES)  # per run; all else codex writes is the agent's
+    _SQLITE_SIDE = ("-wal", "-shm", "-journal")
+
     def setup(self, token: AccessToken, endpoint_url: str | None) -> dict[str, str]:
         home = self._dir("codex")
         source = Path(os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex"))
         self._copy_config(source, self.CONFIG_FILES, home)
+        self._link_data(home)
         self.write(token)
         env = {"CODEX_HOME": str(home)}
         if endpoint_url:
@@ -186,6 +201,47 @@ class CodexAdapter(Adapter):
             self._write_json(home / "auth.json", self.auth_json(token))
         finally:
             os.close(fd)
+
+    def _own(self, name: str) -> bool:
+        return name in self.OWN or (name.startswith(".auth.json.") and name.endswith(".tmp"))
+
+    def _link_data(self, home: Path) -> None:
+        """Link what earlier runs of the agent left (sessions, history, codex's state
+        databases) into this run's CODEX_HOME: codex writes through the links into the
+        per-agent dir, as codex processes share one ~/.codex."""
+        if self.data_dir is None:
+            return
+        self.data_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            self.data_dir.mkdir(mode=0o700)
+            self._chown(self.data_dir)
+        for entry in os.scandir(self.data_dir):
+            if not self._own(entry.name):
+                os.symlink(entry.path, home / entry.name)
+
+    def finish(self) -> None:
+        """Move what this run's codex made anew into the agent's data dir. A name another
+        run of the agent made meanwhile is kept as theirs (a directory is merged)."""
+        home = self.home
+        if self.data_dir is None or not home.is_dir() or not self.data_dir.is_dir():
+            return
+        self._merge(home, self.data_dir, top=True)
+
+    def _merge(self, src: Path, dst: Path, *, top: bool = False) -> None:
+        entries = sorted(os.scandir(src), key=lambda e: e.name.endswith(self._SQLITE_SIDE))  # databases first
+        moved: set[str] = set()
+        for entry in entries:
+            if (top and self._own(entry.name)) or entry.is_symlink():
+                continue
+            target = dst / entry.name
+            side = next((entry.name[:-len(x)] for x in self._SQLITE_SIDE if entry.name.endswith(x)), None)
+            if side is not None and side not in moved and (src / side).exists():
+                continue  # a database's journal goes only with its database
+            if entry.is_dir() and target.is_dir() and not target.is_symlink():
+                self._merge(Path(entry.path), target)
+            elif not os.path.lexists(target):
+                shutil.move(entry.path, target)
+                moved.add(entry.name)
 
     def refresh_answer(self, token: AccessToken) -> dict[str, Any]:
         """What codex's refresh request to the run's endpoint gets back."""

@@ -8,7 +8,9 @@ run although the runtime dir is hidden:
   granted profiles. ``corral auth token PROFILE`` inside the run uses it
   (``CORRAL_AUTH_SOCKET``), whether or not a broker service runs: tokens come from the
   service if one listens, else from the store in the owner, through the one single flight;
-- one directory per adapter (``codex/``, ``claude/``), see :mod:`.adapters`.
+- one directory per adapter (``codex/``, ``claude/``, ``openclaw/``), see :mod:`.adapters`;
+  what codex writes there besides its credential lives in ``<state>/agent-data/AGENT/codex``
+  (bound into the run) and outlives it.
 
 The run's owner (the ``corral run`` process, or a detached run's owner) serves all of it
 while the run lives, from two daemon threads, and removes the directory at the end:
@@ -53,6 +55,13 @@ def run_dir(dirs: Dirs, run_id: str) -> Path:
     return dirs.runtime / "run-auth" / run_id
 
 
+def agent_data_dir(dirs: Dirs, agent: str, kind: str) -> Path:
+    """Where what a CLI writes next to its credential (codex's sessions, history, state
+    databases) outlives the run: one per agent, shared by its runs as one user's ~/.codex
+    is shared by the codex processes they start."""
+    return dirs.state / "agent-data" / agent / kind
+
+
 class RunAuth:
     """Made in the launching process before the fork (errors reach the caller: exit 3 for
     an unknown profile, 77 when not signed in); served by the run's owner."""
@@ -66,6 +75,7 @@ class RunAuth:
         self.env: dict[str, str] = {}
         self.unset: tuple[str, ...] = ()
         self.adapters: list[Adapter] = []
+        self.shared: tuple[str, ...] = ()  # per-agent dirs of the CLIs' own data, bound into the run
         self.broker: Broker | None = None
         self._http: Any = None  # ThreadingHTTPServer for codex's refresh, if any adapter wants it
         self._stop = threading.Event()
@@ -91,6 +101,9 @@ class RunAuth:
                                       owner=self.owner)
                 if adapter.wants_endpoint and endpoint is None:
                     endpoint = self._serve_http()
+                if adapter.keeps_data:
+                    adapter.data_dir = agent_data_dir(self.dirs, self.grant.agent, adapter.kind)
+                    self.shared += (str(adapter.data_dir),)
                 token = self.broker.token(profile.name, timeout=timeout, min_valid=adapter.lead)
                 self.env.update(adapter.setup(token, endpoint))
                 self.adapters.append(adapter)
@@ -240,6 +253,11 @@ class RunAuth:
                 self.broker.close()
         for thread in self._threads:
             thread.join(timeout=2.0)
+        for adapter in self.adapters:
+            try:
+                adapter.finish()
+            except OSError as err:
+                log.warning("run %s: keeping what %s wrote: %s", self.grant.run_id, adapter.kind, err)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -248,4 +266,4 @@ def prepare_run_auth(dirs: Dirs, *, agent: str, run_id: str, grants: tuple[str, 
     return RunAuth(dirs, agent=agent, run_id=run_id, grants=grants, owner=owner).prepare(timeout)
 
 
-__all__ = ["RunAuth", "prepare_run_auth", "run_dir"]
+__all__ = ["RunAuth", "agent_data_dir", "prepare_run_auth", "run_dir"]
