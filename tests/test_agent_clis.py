@@ -342,3 +342,29 @@ def test_openclaw_lists_the_runs_token_profile_as_valid_and_it_is_kept_fresh(tmp
     assert stats.get("refreshed", 0) >= 2 and stats.get("reused", 0) == 0, stats
     assert stats.get("token_requests", 0) == stats["refreshed"], "only corral's refreshes reached the provider"
     assert not (home / ".openclaw").exists()
+
+
+def test_claude_api_key_profile_goes_through_apikeyhelper(tmp_path: Path, server: OAuthServer) -> None:
+    """kind claude-api-key: Claude Code's apiKeyHelper runs `corral auth token` inside the
+    run (its broker socket), and sends what it prints as the API key; no credential file."""
+    env = Env(tmp_path)
+    home = env.root / "home"
+    (home / ".claude").mkdir(parents=True)
+    (home / ".claude" / "settings.json").write_text(json.dumps({"env": {"FROM_USER_SETTINGS": "1"}}))
+    env.env.update(HOME=str(home), PATH=f"{BIN}:{os.environ['PATH']}")
+    pair = server.mint()
+    server.call("/reset")
+    assert env.cli("auth", "add", "ck", "--kind", "claude-api-key", "--token-url", server.token_url,
+                   "--client-id", "corral-test").returncode == 0
+    assert env.cli("auth", "login", "ck", "--refresh-token-stdin", input=pair["refresh_token"] + "\n").returncode == 0
+    proc = env.cli("run", "--auth", "ck", "lane", "--env", f"ANTHROPIC_BASE_URL={server.base}",
+                   "--env", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "--", "sh", "-c",
+                   'ls -A "$CLAUDE_CONFIG_DIR"; echo @@; claude -p hello',
+                   extra_env={"ANTHROPIC_API_KEY": "sk-ant-should-not-reach-the-run"}, timeout=90)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    listing, _, answer = proc.stdout.partition("@@")
+    assert ".credentials.json" not in listing.split() and "settings.json" in listing.split()
+    assert "done" in answer
+    model = [m for m in server.stats()["model"] if m["path"] == "/v1/messages"]
+    store = json.loads(env.store_path("ck").read_text())
+    assert model and all(m["ok"] and m["api_key"] == store["access_token"] for m in model), (model, store)

@@ -36,9 +36,10 @@ def auth() -> None:
 @click.option("--refresh-window", metavar="SECS", help="Refresh this long before expiry (default 300).")
 @click.option("--token-format", type=click.Choice(["form", "json"]), default=None,
               help="Body of the refresh request: form (RFC 6749, default) or json (Anthropic's endpoint).")
-@click.option("--kind", type=click.Choice(["env", "codex", "claude", "openclaw"]), default=None,
+@click.option("--kind", type=click.Choice(["env", "codex", "claude", "claude-api-key", "openclaw"]), default=None,
               help="The CLI runs use it with: env (a variable, default), codex ($CODEX_HOME/auth.json), claude "
-                   "($CLAUDE_CONFIG_DIR/.credentials.json) or openclaw (a token profile in $OPENCLAW_STATE_DIR).")
+                   "($CLAUDE_CONFIG_DIR/.credentials.json), claude-api-key (Claude Code's apiKeyHelper runs "
+                   "`corral auth token`) or openclaw (a token profile in $OPENCLAW_STATE_DIR).")
 @click.option("--provider", metavar="ID", help="With --kind openclaw: openclaw's provider id (default: from the "
                                                "token URL, openai or anthropic).")
 @click.option("--update", is_flag=True, help="Change an existing profile (only the options given).")

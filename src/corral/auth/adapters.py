@@ -18,6 +18,7 @@ token, rewritten by the run's owner before the CLI's own refresh margin:
 - ``claude``: ``$CLAUDE_CONFIG_DIR/.credentials.json`` with no refresh token: Claude Code
   then never refreshes (nothing to send to its hard-coded endpoint) and re-reads the file
   when it changes;
+- ``claude-api-key``: Claude Code's ``apiKeyHelper`` runs ``corral auth token PROFILE``;
 - ``openclaw``: a ``token`` profile in a per-run ``OPENCLAW_STATE_DIR``, added and
   rewritten through openclaw's own ``models auth paste-token``.
 
@@ -280,6 +281,37 @@ class ClaudeAdapter(Adapter):
         self._write_json(self.config_dir / ".credentials.json", {"claudeAiOauth": oauth})
 
 
+class ClaudeApiKeyAdapter(ClaudeAdapter):
+    """``claude-api-key``: the profile's token as Claude Code's API key, through its
+    ``apiKeyHelper`` setting, which runs ``corral auth token PROFILE`` (the run's broker
+    socket) at start, after ``CLAUDE_CODE_API_KEY_HELPER_TTL_MS`` and on a 401. Nothing is
+    written that could go stale, so there is nothing to rewrite."""
+
+    kind = "claude-api-key"
+    lead = 0.0
+    HELPER_TTL_MS = 300_000  # ask again every 5 min even without a 401
+
+    def setup(self, token: AccessToken, endpoint_url: str | None) -> dict[str, str]:
+        import shlex
+        import sys
+
+        home = self._dir("claude")
+        source = Path(os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude"))
+        self._copy_config(source, ("CLAUDE.md",), home)
+        settings: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads((source / "settings.json").read_text())
+            settings = loaded if isinstance(loaded, dict) else {}
+        # The interpreter corral runs on, by absolute path: the run's PATH may lack corral.
+        settings["apiKeyHelper"] = shlex.join([sys.executable, "-m", "corral.cli", "auth", "token",
+                                               self.profile.name])
+        self._write_json(home / "settings.json", settings, mode=0o400)
+        return {"CLAUDE_CONFIG_DIR": str(home), "CLAUDE_CODE_API_KEY_HELPER_TTL_MS": str(self.HELPER_TTL_MS)}
+
+    def write(self, token: AccessToken) -> None:
+        """Nothing to rewrite: Claude Code asks the helper."""
+
+
 class OpenclawAdapter(Adapter):
     """A per-run ``OPENCLAW_STATE_DIR`` and ``OPENCLAW_HOME`` whose only credential is a
     ``token`` profile (``corral:PROFILE``) holding the broker's access token. openclaw
@@ -359,7 +391,7 @@ class OpenclawAdapter(Adapter):
 
 
 ADAPTERS: dict[str, type[Adapter]] = {"env": Adapter, "codex": CodexAdapter, "claude": ClaudeAdapter,
-                                      "openclaw": OpenclawAdapter}
+                                      "claude-api-key": ClaudeApiKeyAdapter, "openclaw": OpenclawAdapter}
 
 
 def adapter_for(profile: Profile, root: Path, *, run_id: str, extra: dict[str, str] | None,
@@ -367,5 +399,5 @@ def adapter_for(profile: Profile, root: Path, *, run_id: str, extra: dict[str, s
     return ADAPTERS[profile.kind](profile, root, run_id=run_id, extra=extra, owner=owner)
 
 
-__all__ = ["ADAPTERS", "Adapter", "ClaudeAdapter", "CodexAdapter", "OpenclawAdapter", "SENTINEL_PREFIX",
-           "adapter_for", "unsigned_id_token"]
+__all__ = ["ADAPTERS", "Adapter", "ClaudeAdapter", "ClaudeApiKeyAdapter", "CodexAdapter", "OpenclawAdapter",
+           "SENTINEL_PREFIX", "adapter_for", "unsigned_id_token"]

@@ -9,7 +9,7 @@
     env_var = "OPENAI_ACCESS_TOKEN"      # where a run gets the access token
     refresh_window = 300                 # refresh this many seconds before expiry
     token_format = "form"                # the refresh request's body: form (RFC 6749) or json
-    kind = "env"                         # how a run gets it: env, codex, claude, openclaw (auth/adapters.py)
+    kind = "env"                         # how a run gets it: env, codex, claude, claude-api-key, openclaw
     provider = "openai"                  # kind openclaw: openclaw's provider id (default: from token_url)
 
 A profile holds no secret: tokens live in the token store (:mod:`corral.auth.store`).
@@ -45,7 +45,8 @@ DEFAULT_REFRESH_WINDOW = 300.0  # seconds; never more than half a token's lifeti
 PROFILE_KEYS = ("token_url", "client_id", "scope", "env_var", "refresh_window", "token_format", "kind", "provider")
 ENDPOINT_KEYS = ("token_url", "client_id", "scope", "token_format")  # pinned at sign-in
 TOKEN_FORMATS = ("form", "json")
-KINDS = ("env", "codex", "claude", "openclaw")  # the CLI a run's credential is written for (auth/adapters.py)
+# The CLI a run's credential is written for (auth/adapters.py).
+KINDS = ("env", "codex", "claude", "claude-api-key", "openclaw")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PROVIDER = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
