@@ -422,3 +422,20 @@ def test_a_pinned_plain_http_url_off_loopback_is_refused(env: Env, server: OAuth
         get_token(env.dirs, "p1")
     assert server.stats().get("token_requests", 0) == 0
     assert not (env.dirs.state / "auth" / "p1.inflight").exists()  # refused before anything was sent
+
+
+def test_auth_rm_removes_the_profile_and_its_credential(env: Env, server: OAuthServer) -> None:
+    add_profile(env.dirs, "p1", token_url=server.token_url, client_id="corral-test")
+    pair = server.mint()
+    assert env.cli("auth", "login", "p1", "--refresh-token-stdin", input=pair["refresh_token"]).returncode == 0
+    assert env.cli("agents", "add", "lane", "--auth", "p1").returncode == 0
+    cfg = env.dirs.config / "config.toml"
+    before = cfg.read_bytes()
+    proc = env.cli("auth", "rm", "p1")
+    assert proc.returncode == 2 and "lane" in proc.stderr, proc.stderr
+    assert cfg.read_bytes() == before and env.store_path("p1").exists(), "refused: nothing changed"
+    proc = env.cli("auth", "rm", "p1", "--force")
+    assert proc.returncode == 0 and "stored credential" in proc.stdout, proc.stderr
+    assert "[auth.p1]" not in cfg.read_text() and not env.store_path("p1").exists()
+    assert env.cli("auth", "token", "p1").returncode == 3
+    assert env.cli("auth", "rm", "p1").returncode == 3

@@ -102,6 +102,17 @@ def login(profile: str, from_stdin: bool, from_file: str | None, keep_file: bool
 
 
 @auth.command()
+@click.argument("profile")
+@click.option("--force", is_flag=True, help="Remove it even if agents name it (their runs then fail with exit 3).")
+def rm(profile: str, force: bool) -> None:
+    """Remove auth PROFILE from config.toml and its stored credential (sign-out)."""
+    from .auth.profiles import remove_profile
+
+    had_credential = remove_profile(Dirs.from_env(), profile, force=force)
+    click.echo(f"removed auth profile {profile}" + (" and its stored credential" if had_credential else ""))
+
+
+@auth.command()
 @click.argument("profile", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(profile: str | None, as_json: bool) -> None:

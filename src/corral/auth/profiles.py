@@ -294,5 +294,46 @@ def add_profile(dirs: Dirs, name: str, *, token_url: str | None = None, client_i
     return store.update(change)
 
 
+def remove_profile(dirs: Dirs, name: str, *, force: bool = False) -> bool:
+    """Remove ``[auth.NAME]`` and its stored credential. Agents that name it keep it
+    unless *force* (a UsageError naming them). Returns whether a stored credential was
+    removed too. Neither a profile nor a credential: :class:`ProfileNotFound` (exit 3)."""
+    from .store import TokenStore
+
+    validate_profile_name(name)
+    store = open_store(dirs)
+
+    def change(doc: Any) -> bool:
+        auth = doc.get("auth")
+        present = isinstance(auth, MutableMapping) and name in auth
+        if not present:
+            return False  # perhaps a credential left without its profile: removed below
+        agents = doc.get("agents")
+        users = sorted(agent for agent, table in (agents.items() if isinstance(agents, Mapping) else ())
+                       if isinstance(table, Mapping) and table.get("auth") == name)
+        if users and not force:
+            raise UsageError(f"auth profile {name!r} is used by agent(s) {', '.join(users)}",
+                             hint=f"change them first (corral agents set {users[0]} auth=OTHER), or use --force")
+        del auth[name]
+        return True
+
+    tokens = TokenStore.of(dirs, name)
+    had_profile = store.update(change)
+    removed = False
+    if tokens.path.exists() or tokens.marker_path.exists():
+        with tokens.locked(timeout=30.0):  # not under a refresh that would store it again
+            for path in (tokens.path, tokens.marker_path):
+                try:
+                    path.unlink()
+                    removed = removed or path == tokens.path
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    raise translate_oserror(err, what="remove the stored credential", path=str(path)) from err
+    if not had_profile and not removed:
+        raise ProfileNotFound(name)
+    return removed
+
+
 __all__ = ["DEFAULT_ENV_VAR", "DEFAULT_REFRESH_WINDOW", "ENDPOINT_KEYS", "KINDS", "Profile", "add_profile", "check_env_var",
-           "check_token_url", "get_profile", "list_profiles", "validate_profile_name"]
+           "check_token_url", "get_profile", "list_profiles", "remove_profile", "validate_profile_name"]
