@@ -82,6 +82,17 @@ def test_a_run_gets_its_granted_profile_and_not_another(backend: str, tmp_path: 
         assert outside.returncode == 0 and outside.stdout.strip() == env.stored(name)["access_token"], outside.stderr
 
 
+def test_a_run_with_no_grants_is_told_so(backend: str, tmp_path: Path, server: OAuthServer) -> None:
+    """Its store and config are hidden: the answer names the missing grant, not a
+    missing profile or sign-in."""
+    env = _two_profiles(backend, tmp_path, server)
+    corral_cmd = " ".join(CORRAL)
+    proc = env.cli("run", "nogrant", "--", "sh", "-c", f"{corral_cmd} auth token pa")
+    assert proc.returncode == 77, (proc.stdout, proc.stderr)
+    assert "granted no auth profile" in proc.stderr and "--auth pa" in proc.stderr, proc.stderr
+    assert "sign in again" not in proc.stderr
+
+
 def test_the_broker_service_checks_the_peers_run(backend: str, tmp_path: Path, server: OAuthServer) -> None:
     """A run that reaches the broker service's socket itself (isolation none: nothing is
     hidden) is still served only its grants: the broker asks the kernel which run the

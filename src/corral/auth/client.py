@@ -115,7 +115,18 @@ def access_token(dirs: Dirs, profile: str, *, timeout: float = DEFAULT_TIMEOUT, 
             # Inside a run the token store is hidden: "not signed in" would be a lie.
             raise AuthError(f"the run's broker socket {path} does not answer (did the run's owner end?)",
                             hint="tokens reach a run only through its socket; start the run again")
-    return get_token(dirs, profile, timeout=timeout)
+    try:
+        return get_token(dirs, profile, timeout=timeout)
+    except (ProfileNotFound, SignInAgain) as err:
+        run_id = os.environ.get("CORRAL_RUN_ID")
+        # Inside a sandboxed run with no grants corral's config and state are hidden (empty
+        # tmpfs, so no runs/ dir): "no profile" or "not signed in" would mislead.
+        if not run_id or os.environ.get(SOCKET_ENV) or (dirs.state / "runs").exists():
+            raise
+        raise PermissionDenied(f"run {run_id} was granted no auth profile, so it cannot get {profile!r} "
+                               f"({err.message})",
+                               hint=f'start the run with --auth {profile}, or give its agent auth = "{profile}"') \
+            from None
 
 
 __all__ = ["PROFILE_ENV", "SOCKET_ENV", "access_token", "ask_broker", "broker_socket",
