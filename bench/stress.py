@@ -41,6 +41,7 @@ failure or lost something.
 from __future__ import annotations
 
 import argparse
+import threading
 import json
 import os
 import random
@@ -68,7 +69,7 @@ from corral.paths import Dirs  # noqa: E402
 
 CORRAL = [sys.executable, "-m", "corral.cli"]
 LIVE_STATES = ("starting", "running", "paused", "draining")
-SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile")
+SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile", "gcrace")
 
 # Every process it starts writes its own pid to $M: setsid, double-forked, nohup'd, and main.
 _SELF = 'echo $$ >> "$M"; exec sleep 1000'
@@ -1081,6 +1082,65 @@ def scenario_load(h: Harness, scale: float) -> list[Result]:
     return [res]
 
 
+# --- 8. gc racing launches ------------------------------------------------------------------
+
+
+def scenario_gcrace(h: Harness, scale: float) -> list[Result]:
+    """`corral gc` in a loop, from the runs' own state dir and from a second one (as the
+    gc timer and another user's corral would), beside attached and detached launches:
+    gc must never take the cgroup of a run that is starting, and never touch another
+    state dir's runs."""
+    env, other = h.env("gcrace"), h.env("gcrace-other")
+    res = Result("8 gc racing launches")
+    total = max(20, round(200 * scale))
+    agents = [h.agent("gr") for _ in range(4)]
+    res.trials = total
+    stop = threading.Event()
+    gc_runs = Counter()
+
+    def gc_loop(e: dict[str, str], name: str) -> None:
+        while not stop.is_set():
+            out = h.cli(e, "gc", "--json")
+            gc_runs[name] += 1
+            if out.returncode != 0:
+                res.fail(f"gc ({name}) exited {out.returncode}: {tail(out.stderr)}")
+
+    def launch(i: int) -> None:
+        agent = agents[i % len(agents)]
+        if i % 4 == 3:
+            out = h.cli(env, "run", "--detach", agent, "--", "sleep", "0.2")
+            if out.returncode == 0:
+                out = h.cli(env, "wait", out.stdout.strip(), "--timeout", "60")
+        else:
+            out = h.cli(env, "run", agent, "--", "sh", "-c", f"exit {i % 3}")
+        want = 0 if i % 4 == 3 else i % 3
+        if out.returncode != want:
+            res.fail(f"launch {i} ({'detached' if i % 4 == 3 else 'attached'}): exit {out.returncode}, "
+                     f"not {want}: {tail(out.stderr)}")
+
+    loops = [threading.Thread(target=gc_loop, args=(e, n), daemon=True) for e, n in ((env, "own"), (other, "other"))]
+    for t in loops:
+        t.start()
+    progress(f"gcrace: {total} launches, 4 at a time, beside two gc loops")
+    pool = ThreadPoolExecutor(max_workers=4)
+    try:
+        list(pool.map(launch, range(total)))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        stop.set()
+        for t in loops:
+            t.join(timeout=60)
+    left = {a: h.scopes(a) for a in agents}
+    leftover = sum(len(v) for v in left.values())
+    h.cli(env, "gc", "--json")
+    after = sum(len(h.scopes(a)) for a in agents)
+    if after:
+        res.lose(f"{after} run cgroup(s) still there after the runs ended and a final gc", count=after)
+    res.notes.append(f"gc ran {gc_runs['own']} times from the runs' state dir and {gc_runs['other']} times from "
+                     f"another beside {total} launches; {leftover} empty run cgroup(s) before the final gc")
+    return [res]
+
+
 # --- 7. hostile payload ---------------------------------------------------------------------
 
 # Attacks an LLM-written payload may try (issue 11), as sh. $ROOT is the cgroup2 mount,
@@ -1212,7 +1272,7 @@ def scenario_hostile(h: Harness, scale: float) -> list[Result]:
 
 RUNNERS: dict[str, Callable[[Harness, float], list[Result]]] = {
     "owner": scenario_owner, "crash": scenario_crash, "config": scenario_config, "token": scenario_token,
-    "fuzz": scenario_fuzz, "load": scenario_load, "hostile": scenario_hostile,
+    "fuzz": scenario_fuzz, "load": scenario_load, "hostile": scenario_hostile, "gcrace": scenario_gcrace,
 }
 
 

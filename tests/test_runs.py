@@ -288,14 +288,51 @@ def test_doctor_names_the_backend(corral: CorralCLI) -> None:
     assert f"chosen: {corral.backend}" in text
 
 
-def test_readoption_finds_a_run_without_record(corral: CorralCLI) -> None:
+def test_runs_of_another_state_dir_are_not_ours(corral: CorralCLI, tmp_path: Path) -> None:
+    """A second state dir (another user, checkout or test) neither sees nor touches the
+    first one's runs, through ps, kill --all, kill AGENT, kill ID or gc; --all-users
+    reaches them and says whose they are."""
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sleep", "1000")
+    (tmp_path / "other").mkdir()
+    other = CorralCLI(corral.backend, tmp_path / "other")
+    assert run_id not in {r["id"] for r in other.json("ps", "--json")}
+    assert other("kill", "--all").returncode == 0
+    assert other("kill", run_id).returncode == 3
+    assert other("kill", agent).returncode == 3
+    assert other.json("gc", "--json")["reaped"] == []
+    assert corral.show(run_id)["state"] == "running", "untouched by the other state dir"
+    everyone = {r["id"]: r for r in other.json("ps", "--all-users", "--json")}
+    assert everyone[run_id]["state"] == "foreign" and everyone[run_id]["agent"] == agent
+    assert "another corral state dir" in everyone[run_id]["problem"] and "uid" in everyone[run_id]["problem"]
+    assert other("kill", "--all-users").returncode == 0
+    corral.wait_for(lambda: not corral.scopes_of(agent), what="killed through --all-users")
+
+
+def test_our_run_without_its_record_is_found_with_all_users(corral: CorralCLI) -> None:
     agent = corral.agent()
     run_id = corral.detach(agent, "sleep", "1000")
     os.unlink(Path(corral.env["XDG_STATE_HOME"]) / "corral" / "runs" / f"{run_id}.json")
-    runs = {r["id"]: r for r in corral.json("ps", "--json")}
+    assert run_id not in {r["id"] for r in corral.json("ps", "--json")}
+    runs = {r["id"]: r for r in corral.json("ps", "--all-users", "--json")}
     assert run_id in runs and runs[run_id]["adopted"] is True and runs[run_id]["agent"] == agent
-    assert corral("kill", run_id).returncode == 0
+    assert corral("kill", "--all-users").returncode == 0
     assert not corral.scopes_of(agent)
+
+
+def test_a_name_that_is_an_agent_and_a_run_id_prefix_asks_which(corral: CorralCLI) -> None:
+    bystander = corral.agent()
+    run_id = corral.detach(bystander, "sleep", "1000")
+    name = run_id[:4]  # hex digits make a valid agent name
+    corral.agents.append(name)
+    own = corral.detach(name, "sleep", "1000")
+    proc = corral("kill", name)
+    assert proc.returncode == 2 and "--agent" in proc.stderr and "--id" in proc.stderr, proc.stderr
+    assert corral.show(run_id)["state"] == "running", "the bystander lives"
+    assert corral("kill", "--agent", name).returncode == 0
+    assert corral.show(own)["state"] == "killed" and corral.show(run_id)["state"] == "running"
+    assert corral("kill", "--id", run_id[:4]).returncode == 0
+    assert corral.show(run_id)["state"] == "killed"
 
 
 def test_gc_reaps_a_run_whose_owner_is_gone(corral: CorralCLI) -> None:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import click
 
-from .errors import CorralError, NotFound
+from .errors import CorralError, NotFound, UsageError
 from .units import parse_env_pairs
 
 
@@ -133,13 +133,14 @@ def _fmt_cpu(usec: int | None) -> str:
 
 @cli.command()
 @click.option("--all", "-a", "all_", is_flag=True, help="Include ended runs.")
+@click.option("--all-users", is_flag=True, help="Also the live runs of other state dirs (other users, checkouts).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @pass_ctx
-def ps(c: Ctx, all_: bool, as_json: bool) -> None:
-    """List runs."""
+def ps(c: Ctx, all_: bool, all_users: bool, as_json: bool) -> None:
+    """List runs (this state dir's; --all-users for everyone's)."""
     from .units import format_bytes
 
-    views = c.corral.ps(all=all_)
+    views = c.corral.ps(all=all_, all_users=all_users)
     if as_json:
         _echo_json([v.to_json() for v in views])
         return
@@ -245,28 +246,50 @@ def _report_end(c: Ctx, records: list[Any], verb: str, survivors_of: dict[str, l
         sys.exit(1)
 
 
+def _targeting(f: Callable[..., Any]) -> Callable[..., Any]:
+    """TARGET and the options that pick runs, shared by stop and kill."""
+    for option in reversed([
+        click.argument("target", required=False),
+        click.option("--agent", "agent", metavar="NAME", help="The live runs of agent NAME."),
+        click.option("--id", "run_id", metavar="RUN", help="The run RUN (an id or unique prefix)."),
+        click.option("--all", "all_", is_flag=True, help="Every live run of this state dir."),
+        click.option("--all-users", is_flag=True, help="Every live run, other state dirs' too (root)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _targets(c: Ctx, target: str | None, agent: str | None, run_id: str | None, all_: bool,
+             all_users: bool) -> list[Any]:
+    given = [x for x in (target, agent, run_id) if x is not None]
+    if len(given) > 1:
+        raise UsageError("give one of TARGET, --agent, --id")
+    kind = "agent" if agent is not None else "id" if run_id is not None else None
+    return c.corral.targets(given[0] if given else None, all_runs=all_, all_users=all_users, kind=kind)
+
+
 @cli.command()
-@click.argument("target", required=False)
-@click.option("--all", "all_", is_flag=True, help="Every live run.")
+@_targeting
 @click.option("--grace", type=float, default=10.0, show_default=True, metavar="SECS")
 @pass_ctx
-def stop(c: Ctx, target: str | None, all_: bool, grace: float) -> None:
+def stop(c: Ctx, target: str | None, agent: str | None, run_id: str | None, all_: bool, all_users: bool,
+         grace: float) -> None:
     """SIGTERM every process of TARGET (run id, agent, --all); SIGKILL what remains after --grace."""
-    records = _still_live(c, c.corral.targets(target, all_runs=all_))
+    records = _still_live(c, _targets(c, target, agent, run_id, all_, all_users))
     _report_end(c, records, "stopped", {r.id: c.corral.stop_run(r.id, grace) for r in records})
 
 
 @cli.command()
-@click.argument("target", required=False)
-@click.option("--all", "all_", is_flag=True, help="Every live run.")
+@_targeting
 @click.option("--signal", "-s", "sig", default="KILL", show_default=True, help="Signal name or number.")
 @pass_ctx
-def kill(c: Ctx, target: str | None, all_: bool, sig: str) -> None:
+def kill(c: Ctx, target: str | None, agent: str | None, run_id: str | None, all_: bool, all_users: bool,
+         sig: str) -> None:
     """Kill every process of TARGET (run id, agent, --all) and verify the cgroup is empty."""
     from .units import parse_signal
 
     signum = parse_signal(sig)
-    records = _still_live(c, c.corral.targets(target, all_runs=all_))
+    records = _still_live(c, _targets(c, target, agent, run_id, all_, all_users))
     _report_end(c, records, "killed", c.corral.kill_runs(records, signum))
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .backends import Backend, detect
 from .cgroup import CgroupDir
-from .errors import NotFound, RunNotFound, UsageError
+from .errors import CorralError, NotFound, RunNotFound, UsageError
 from .names import validate_agent
 from .paths import Dirs
 from .records import END_STATES, RecordStore, RunRecord, now_iso
@@ -179,17 +179,24 @@ class Corral:
             record = adopted
         return Run(self, record)
 
-    def _adopted(self) -> dict[str, RunRecord]:
-        """Live ``corral-*`` scopes with no record: found again by name (re-adoption)."""
+    def _adopted(self, *, all_users: bool = False) -> dict[str, RunRecord]:
+        """Live ``corral-*`` scopes this state dir has no usable record of: ours with an
+        unreadable record (state ``unknown``), and with *all_users* the runs of other state
+        dirs (another user, checkout or test; state ``foreign``), named by their uid. A run
+        without a record here is never ours to list or touch by default."""
         out: dict[str, RunRecord] = {}
         for scope in self.backend.live_scopes():
             path = self.store.path(scope.run_id)
+            state = "unknown"
             if path.exists():
                 if self.store.load(scope.run_id) is not None:
                     continue
                 problem = f"record {path} is unreadable"
+            elif all_users:
+                state = "foreign"
+                problem = f"a run of another corral state dir, {_whose(scope.cgroup)}"
             else:
-                problem = "no record (started by another corral or its record was removed)"
+                continue
             pids = sorted(scope.cgroup.pids())
             argv: list[str] = []
             if pids:
@@ -201,7 +208,7 @@ class Corral:
             out[scope.run_id] = RunRecord(
                 id=scope.run_id, agent=scope.agent, argv=argv, cwd="", backend=self.backend.name,
                 unit=self.backend.unit_name(scope.agent, scope.run_id), cgroup=str(scope.cgroup.path),
-                state="unknown", main_pid=pids[0] if pids else None, adopted=True, problem=problem,
+                state=state, main_pid=pids[0] if pids else None, adopted=True, problem=problem,
             )
         return out
 
@@ -240,8 +247,8 @@ class Corral:
         cg = CgroupDir(Path(record.cgroup))
         ev = _payload_of(record).events()
         usage = self.backend.usage(cg)
-        state = "paused" if ev.frozen else (record.state if record.state in ("starting", "draining", "unknown")
-                                            else "running")
+        state = "paused" if ev.frozen else (record.state if record.state in ("starting", "draining", "unknown",
+                                                                          "foreign") else "running")
         pids = usage.pids
         if pids and (record.isolation or {}).get("level") not in (None, "none"):
             from .isolation import sandbox_pids
@@ -249,10 +256,11 @@ class Corral:
             pids -= len(sandbox_pids(_payload_of(record).pids()))  # count the command's, not bwrap's
         return RunView(record, state, pids, usage.memory_bytes, usage.cpu_usec, usage.memory_source)
 
-    def ps(self, *, all: bool = False) -> list[RunView]:
-        """Live runs (and, with *all*, ended ones), oldest first. Includes re-adopted scopes."""
+    def ps(self, *, all: bool = False, all_users: bool = False) -> list[RunView]:
+        """Live runs (and, with *all*, ended ones), oldest first. Includes our scopes whose
+        record is unreadable; with *all_users*, the live runs of other state dirs too."""
         views = [self._view(r) for r in self.store.all()]
-        views += [self._view(r) for r in self._adopted().values()]
+        views += [self._view(r) for r in self._adopted(all_users=all_users).values()]
         if not all:
             views = [v for v in views if v.state not in END_STATES]
         views.sort(key=lambda v: (v.record.started_at or "", v.record.id))
@@ -294,26 +302,54 @@ class Corral:
                     e["role"] = "main"
         return out
 
-    def targets(self, target: str | None, *, all_runs: bool = False) -> list[RunRecord]:
-        """A run id (or unique prefix), an agent name (its live runs), or every live run."""
-        if all_runs:
-            return [v.record for v in self.ps()]
+    def targets(self, target: str | None, *, all_runs: bool = False, all_users: bool = False,
+                kind: str | None = None) -> list[RunRecord]:
+        """A run id (or unique prefix), an agent name (its live runs), or every live run
+        (*all_runs*; with *all_users* other state dirs' too). *kind* ``"id"`` or
+        ``"agent"`` says which TARGET is; unsaid, a name that is both is a UsageError."""
+        if all_runs or all_users:
+            return [v.record for v in self.ps(all_users=all_users)]
         if not target:
             raise UsageError("name a run id, an agent, or use --all")
+        if kind == "agent":
+            validate_agent(target)
+            return [v.record for v in self.ps() if v.record.agent == target]
         try:
-            return [self.get(target).record]
+            record = self.get(target).record
         except (RunNotFound, UsageError) as err:
-            try:
-                validate_agent(target)
-            except UsageError:
-                raise err from None
-            runs = [v.record for v in self.ps() if v.record.agent == target]
-            if runs:
-                return runs
-            known_agent = any(r.agent == target for r in self.store.all())
-            if known_agent:
-                return []
-            raise NotFound(f"no run or agent {target!r}", hint="list runs with: corral ps --all") from None
+            if kind == "id":
+                raise
+            return self._agent_targets(target, err)
+        if kind is None and record.id != target and self._is_agent(target):
+            raise UsageError(f"{target!r} is an agent and also the start of run {record.id} (agent "
+                             f"{record.agent})", hint=f"say which: --agent {target}, or --id {record.id}")
+        return [record]
+
+    def _is_agent(self, name: str) -> bool:
+        try:
+            validate_agent(name)
+        except UsageError:
+            return False
+        if any(r.agent == name for r in self.store.all()):
+            return True
+        from .config import load_agent
+
+        try:
+            return load_agent(self.dirs, name) is not None
+        except (CorralError, OSError):
+            return False
+
+    def _agent_targets(self, target: str, err: Exception) -> list[RunRecord]:
+        try:
+            validate_agent(target)
+        except UsageError:
+            raise err from None
+        runs = [v.record for v in self.ps() if v.record.agent == target]
+        if runs:
+            return runs
+        if self._is_agent(target):
+            return []
+        raise NotFound(f"no run or agent {target!r}", hint="list runs with: corral ps --all") from None
 
     # --- ending runs ------------------------------------------------------------------
 
@@ -437,6 +473,33 @@ class Corral:
                         yield rest
                     return
                 time.sleep(0.1)
+
+
+def _whose(cgroup: CgroupDir) -> str:
+    """"uid N (name)" of who started a run we have no record of: its corral processes'
+    (the watchdog, a detached owner), else its command's, else the cgroup dir's owner."""
+    uid = None
+    for pid in (*cgroup.supervisor.pids(), *cgroup.pids()):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+        if uid is not None:
+            break
+    if uid is None:
+        try:
+            uid = cgroup.path.stat().st_uid
+        except OSError:
+            return "started by an unknown user"
+    import pwd
+
+    try:
+        return f"started by uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"started by uid {uid}"
 
 
 def _payload_of(record: RunRecord) -> CgroupDir:

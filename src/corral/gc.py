@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .cgroup import CgroupDir
+from .procs import owner_alive
 from .records import now_iso
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
     in ``supervisor/``: a running watchdog means an owner holds its pipe (it kills the run
     itself the moment that owner dies), a detached owner lives there too. Only a stopped
     (SIGSTOP/traced) one cannot act."""
-    from .procs import owner_alive
-
     record = corral.store.load(run_id)
     if record is not None and record.owner_pid:
         return owner_alive(record.owner_pid, record.owner_start)
@@ -60,6 +59,8 @@ def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcRepo
     backend = corral.backend
     for scope in backend.live_scopes():
         cg = scope.cgroup
+        if not corral.store.path(scope.run_id).exists():
+            continue  # another state dir's run (another user, checkout or test): not ours to judge
         if cg.events().populated:
             if _owner_alive(corral, scope.run_id, cg):
                 continue
@@ -74,13 +75,21 @@ def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcRepo
                                                  leftovers_killed=pids))
             report.reaped.append({"id": scope.run_id, "agent": scope.agent, "unit": backend.unit_name(
                 scope.agent, scope.run_id), "processes_killed": pids})
+        else:
+            record = corral.store.load(scope.run_id)
+            if record is not None and not record.ended and owner_alive(record.owner_pid, record.owner_start):
+                continue  # starting (nothing placed in it yet) or its owner is finishing
         backend.release(scope.agent, scope.run_id, cg)
         if not cg.exists():
             report.removed_cgroups.append(str(cg.path))
     # agent slices left empty (cgroupfs; systemd keeps slice units, which cost nothing)
     root = backend.slice_dir()
-    if backend.name == "cgroupfs" and root.exists():
-        for entry in os.scandir(root):
+    try:
+        entries = list(os.scandir(root)) if backend.name == "cgroupfs" else []
+    except FileNotFoundError:  # the last run's release removed it meanwhile
+        entries = []
+    if entries:
+        for entry in entries:
             if entry.is_dir() and entry.name.startswith("corral-") and entry.name.endswith(".slice"):
                 try:
                     os.rmdir(entry.path)

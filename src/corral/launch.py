@@ -58,6 +58,10 @@ def _new_record(corral: "Corral", spec: RunSpec, *, detach: bool) -> RunRecord:
         unit=backend.unit_name(spec.agent, run_id),
         cgroup=str(backend.run_cgroup(spec.agent, run_id).path),
         state="starting",
+        # The launching process guards the run until an owner takes over: gc leaves the
+        # (still empty) cgroup of a starting run alone while this process lives.
+        owner_pid=os.getpid(),
+        owner_start=process_start(os.getpid()),
         detached=detach,
         session=spec.session,
         timeout=spec.timeout,

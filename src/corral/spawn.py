@@ -70,6 +70,13 @@ class HeldChild:
                     hint="this needs a private mount namespace (root, or unprivileged user namespaces: "
                     "sysctl kernel.unprivileged_userns_clone=1)",
                 )
+            if data.endswith(b":join"):
+                raise SpawnError(
+                    f"cannot run {self.argv[0]!r}: its run's cgroup could not be joined ({os.strerror(code)})",
+                    errno=code,
+                    hint="it was removed while the run started (by hand, or by a corral of another version); "
+                    "run it again" if code == 2 else None,
+                )
             raise SpawnError(
                 f"cannot run {self.argv[0]!r}: {os.strerror(code)}",
                 errno=code,
@@ -113,7 +120,11 @@ def _child(
         if os.read(gate_r, 1) != b"g":
             os._exit(125)
         if join is not None:
-            join()  # into its leaf cgroup, after the parent placed it in the unit
+            try:
+                join()  # into its leaf cgroup, after the parent placed it in the unit
+            except OSError as err:
+                os.write(err_w, f"{err.errno}:join".encode())
+                os._exit(126)
         if hide:
             from ._mountns import hide_paths
 

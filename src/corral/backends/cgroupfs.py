@@ -121,7 +121,10 @@ def probe(mount: Path | None = None, root: Path | None = None) -> Probe:
     p.facts["root"] = str(root)
     controllers = CgroupDir(root).controllers()
     p.facts["controllers"] = sorted(controllers)
-    writable_dir = root / ROOT_SLICE if (root / ROOT_SLICE).exists() else root
+    for _attempt in range(3):  # corral.slice comes and goes with the runs (release removes it when empty)
+        writable_dir = root / ROOT_SLICE if (root / ROOT_SLICE).exists() else root
+        if os.access(writable_dir, os.W_OK) or writable_dir.exists():
+            break
     if not os.access(writable_dir, os.W_OK):
         p.reasons.append(f"{writable_dir} is not writable by uid {os.geteuid()}")
         p.missing.append("root, or a delegated cgroup subtree (set CORRAL_CGROUP_ROOT to it)")
