@@ -324,13 +324,21 @@ def test_openclaw_lists_the_runs_token_profile_as_valid_and_it_is_kept_fresh(tmp
     proc = env.cli("auth", "login", "oc", "--refresh-token-stdin", input=pair["refresh_token"] + "\n")
     assert proc.returncode == 0, proc.stderr
     wait = int(lifetime * 0.75)
+    logs = tmp_path / "oc-logs"
+    logs.mkdir()
+    os.chmod(logs, 0o777)
     proc = env.cli("run", "--auth", "oc", "lane", "--", "sh", "-c",
-                   'openclaw models status --json; echo @@; '
+                   f'openclaw models status --json 2> {logs}/1.err || exit 11; echo @@; '
                    'env | grep -c -E "^(OPENAI_API_KEY|OPENCLAW_CONFIG_PATH)=" || true; echo @@; '
-                   f'sleep {wait}; openclaw models status --json',
+                   f'sleep {wait}; openclaw models status --json 2> {logs}/2.err; rc=$?; '
+                   f'[ $rc = 0 ] || {{ echo "second status: exit $rc" >&2; exit $rc; }}',
                    extra_env={"OPENAI_API_KEY": "sk-should-not-reach-the-run", "OPENCLAW_CONFIG_PATH": "/x"},
                    timeout=180)
-    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    if proc.returncode != 0:  # say as much as can be known about how it ended
+        errs = {p.name: p.read_text()[-1500:] for p in logs.iterdir()}
+        record = env.cli("ps", "--all", "--json").stdout
+        raise AssertionError(f"run exited {proc.returncode}\nstdout: {proc.stdout[-1500:]}\nstderr: "
+                             f"{proc.stderr}\nopenclaw stderr: {errs}\nrecords: {record[-3000:]}")
     first, count, second = proc.stdout.split("@@")
     before, after = _profile_state(first, "corral:oc"), _profile_state(second, "corral:oc")
     for state in (before, after):

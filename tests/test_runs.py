@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CorralCLI, alive, kill_pids
+from conftest import CORRAL, CorralCLI, alive, kill_pids
 
 DETACHING = "setsid sleep 1000 & (sleep 1001 &); nohup sleep 1002 >/dev/null 2>&1 & sleep 1003"
 
@@ -382,3 +382,58 @@ def test_a_process_that_left_the_cgroup_is_reported(corral: CorralCLI, tmp_path:
         (elsewhere / "cgroup.kill").write_text("1")
         corral.wait_for(lambda: "populated 0" in (elsewhere / "cgroup.events").read_text(), what="escapee gone")
         elsewhere.rmdir()
+
+
+BAD_INPUTS = [
+    ("wait", "{run}", "--timeout", "nan"),
+    ("stop", "{run}", "--grace", "nan"),
+    ("stop", "{run}", "--grace", "inf"),
+    ("stop", "{run}", "--grace", "-5"),
+    ("stop", "{run}", "--grace", "1e30"),
+    ("run", "--lock-timeout", "inf", "--session", "s", "{agent}", "--", "true"),
+    ("run", "--lock-timeout", "1e300", "--session", "s", "{agent}", "--", "true"),
+    ("run", "--grace", "-5", "{agent}", "--", "true"),
+    ("run", "--memory-max", "99999999999T", "{agent}", "--", "true"),
+    ("run", "--tasks-max", str(2 ** 70), "{agent}", "--", "true"),
+    ("run", "--tasks-max", "1.5", "{agent}", "--", "true"),
+    ("run", "--cpu-quota", "0.00001%", "{agent}", "--", "true"),
+    ("run", "--session", "", "{agent}", "--", "true"),
+    ("run", "--env", "A B=1", "{agent}", "--", "true"),
+    ("run", "{agent}", "--", ""),
+]
+
+
+@pytest.mark.parametrize("args", BAD_INPUTS, ids=[" ".join(a) for a in BAD_INPUTS])
+def test_bad_input_is_exit_2_with_a_message(corral: CorralCLI, args: tuple[str, ...]) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sleep", "1000") if "{run}" in args else ""
+    proc = corral(*(a.format(run=run_id, agent=agent) for a in args))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stderr.strip(), proc.stderr
+    if run_id:
+        assert corral.show(run_id)["state"] == "running", "a refused command touched nothing"
+        corral("kill", run_id)
+
+
+def test_a_deleted_working_directory_is_exit_2(corral: CorralCLI, tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    agent = corral.agent()
+    proc = subprocess.Popen(["sh", "-c", f'cd {gone} && rmdir {gone} && "$@"', "sh", *CORRAL, "run", agent, "--",
+                             "true"], env=corral.env, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "no longer exists" in err and "Traceback" not in err, err
+    proc = subprocess.run(["sh", "-c", f'mkdir {gone} && cd {gone} && rmdir {gone} && "$@"', "sh", *CORRAL, "agents",
+                           "add", agent, "--workspace", "."], env=corral.env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "no longer exists" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("line", ["max_runs = inf", "tasks_max = 1.5", "max_runs = 1e400"])
+def test_bad_numbers_in_config_are_exit_78(corral: CorralCLI, line: str) -> None:
+    agent = corral.agent()
+    config = Path(corral.env["XDG_CONFIG_HOME"]) / "corral" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f"[agents.{agent}]\n{line}\n")
+    proc = corral("run", agent, "--", "true")
+    assert proc.returncode == 78 and "Traceback" not in proc.stderr and agent in proc.stderr, proc.stderr

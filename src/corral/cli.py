@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from .cli_params import DURATION_OR_ZERO
 from .errors import CorralError, NotFound, UsageError
 from .units import parse_env_pairs
 
@@ -62,10 +63,10 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--detach", "-d", is_flag=True, help="Print the run id and return; output goes to the run's log.")
 @click.option("--session", metavar="KEY", help="Hold the exclusive lease on (AGENT, KEY) for the whole run.")
-@click.option("--lock-timeout", type=float, metavar="SECS",
+@click.option("--lock-timeout", type=DURATION_OR_ZERO, metavar="DURATION",
               help="Wait at most SECS for the session lease (0: fail at once; default: no limit). Exit 75.")
 @click.option("--timeout", metavar="DURATION", help="End the whole run after DURATION (90s, 30m, 2h): exit 124.")
-@click.option("--grace", type=float, default=10.0, show_default=True, metavar="SECS",
+@click.option("--grace", type=DURATION_OR_ZERO, default=10.0, show_default=True, metavar="DURATION",
               help="After a forwarded signal, kill the whole run if it has not ended within SECS.")
 @click.option("--keep-leftovers", is_flag=True,
               help="When the command exits, let what it left behind finish (state: draining).")
@@ -270,7 +271,8 @@ def _targets(c: Ctx, target: str | None, agent: str | None, run_id: str | None, 
 
 @cli.command()
 @_targeting
-@click.option("--grace", type=float, default=10.0, show_default=True, metavar="SECS")
+@click.option("--grace", type=DURATION_OR_ZERO, default=10.0, show_default=True, metavar="DURATION",
+              help="How long to wait after SIGTERM before SIGKILL (e.g. 30s, 2m; 0: at once).")
 @pass_ctx
 def stop(c: Ctx, target: str | None, agent: str | None, run_id: str | None, all_: bool, all_users: bool,
          grace: float) -> None:
@@ -295,7 +297,8 @@ def kill(c: Ctx, target: str | None, agent: str | None, run_id: str | None, all_
 
 @cli.command()
 @click.argument("run_ref", metavar="RUN")
-@click.option("--timeout", type=float, default=None, metavar="SECS")
+@click.option("--timeout", type=DURATION_OR_ZERO, default=None, metavar="DURATION",
+              help="Give up after this long (e.g. 90s, 5m): exit 75.")
 @pass_ctx
 def wait(c: Ctx, run_ref: str, timeout: float | None) -> None:
     """Wait for RUN to end; exit with its status (124 timeout, 128+N signal)."""

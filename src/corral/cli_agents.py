@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from .cli_params import DURATION_OR_ZERO
 from .errors import AgentNotFound
 from .paths import Dirs
 from .units import format_bytes, parse_env_pairs
@@ -138,7 +139,7 @@ def set_(name: str, assignments: tuple[str, ...]) -> None:
 @agents.command()
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Remove the agent's worktree even with uncommitted changes.")
-@click.option("--grace", type=float, default=10.0, show_default=True, metavar="SECS",
+@click.option("--grace", type=DURATION_OR_ZERO, default=10.0, show_default=True, metavar="DURATION",
               help="How long its runs get between SIGTERM and SIGKILL.")
 @click.pass_obj
 def rm(obj: Any, name: str, force: bool, grace: float) -> None:

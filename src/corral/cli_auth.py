@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from .cli_params import DURATION_OR_ZERO
 from .errors import UsageError
 from .paths import Dirs
 
@@ -147,7 +148,7 @@ def _left(seconds: int | None) -> str:
 
 @auth.command()
 @click.argument("profile")
-@click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECS",
+@click.option("--timeout", type=DURATION_OR_ZERO, default=30.0, show_default=True, metavar="DURATION",
               help="How long to wait for a refresh another process is doing (then exit 75).")
 @click.option("--no-broker", is_flag=True, help="Refresh in this process even if a broker is listening.")
 def token(profile: str, timeout: float, no_broker: bool) -> None:
@@ -161,7 +162,7 @@ def token(profile: str, timeout: float, no_broker: bool) -> None:
 @click.command()
 @click.option("--socket", "socket_path", metavar="PATH", type=click.Path(dir_okay=False),
               help="Listen here (default: <runtime dir>/broker.sock, or the socket systemd passes).")
-@click.option("--timeout", type=float, default=30.0, show_default=True, metavar="SECS",
+@click.option("--timeout", type=DURATION_OR_ZERO, default=30.0, show_default=True, metavar="DURATION",
               help="How long a request waits for a refresh another process is doing.")
 def broker(socket_path: str | None, timeout: float) -> None:
     """Serve access tokens over a unix socket; refresh tokens never leave this process."""

@@ -17,8 +17,9 @@ import tomlkit
 from tomlkit.items import AoT, Table
 
 from .errors import ConfigError, UsageError
+from .paths import current_dir
 from .spec import Limits
-from .units import parse_percent, parse_positive_int, parse_size
+from .units import MAX_TASKS, parse_percent, parse_positive_int, parse_size
 from .worktree import Worktree
 
 LIMIT_KEYS = ("memory_max", "memory_high", "cpu_quota", "tasks_max")
@@ -85,7 +86,7 @@ def normalize(key: str, value: Any, *, cwd: str | None = None) -> Any:
     if key == "cpu_quota":
         return f"{parse_percent(_scalar(value, 'CPU quota')):g}%"
     if key in ("tasks_max", "max_runs"):
-        return parse_positive_int(_scalar(value, key.replace("_", " ")), key.replace("_", " "))
+        return parse_positive_int(_scalar(value, key.replace("_", " ")), key.replace("_", " "), maximum=MAX_TASKS)
     if key == "auth":
         return _profile(value)
     if key == "command":
@@ -95,7 +96,8 @@ def normalize(key: str, value: Any, *, cwd: str | None = None) -> Any:
     if key == "workspace":
         if not isinstance(value, str) or not value:
             raise UsageError(f"invalid workspace {value!r}")
-        path = os.path.abspath(os.path.join(cwd or os.getcwd(), os.path.expanduser(value)))
+        given = os.path.expanduser(value)
+        path = os.path.normpath(given if os.path.isabs(given) else os.path.join(cwd or current_dir(), given))
         if not os.path.isdir(path):
             raise UsageError(f"workspace {path} does not exist or is not a directory")
         return path

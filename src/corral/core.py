@@ -26,6 +26,7 @@ from .records import END_STATES, RecordStore, RunRecord, now_iso
 from .procs import owner_alive
 from .spec import RunSpec
 from .supervise import Outcome, Owner
+from .units import parse_duration
 
 if TYPE_CHECKING:
     from .gc import GcReport
@@ -393,6 +394,7 @@ class Corral:
 
     def stop_run(self, ref: str, grace: float = 10.0) -> list[int]:
         """SIGTERM every process of the run, SIGKILL what is left after *grace* seconds."""
+        grace = parse_duration(grace, allow_zero=True)
         record = self.get(ref).record
         clean = self.backend.stop(_payload_of(record), grace=grace)
         self._after_end(record, ended_by="stopped", sig=_signal.SIGTERM if clean else _signal.SIGKILL)
@@ -440,6 +442,8 @@ class Corral:
         """Block until the run has ended and its cgroup is empty; return its final record."""
         record = self.get(ref).record
         cg = CgroupDir(Path(record.cgroup))
+        if timeout is not None:
+            timeout = parse_duration(timeout, allow_zero=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not record.ended:
             left = 3600.0 if deadline is None else deadline - time.monotonic()

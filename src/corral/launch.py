@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .cgroup import CgroupDir, join
 from .errors import CorralError, UsageError
+from .paths import current_dir
 from .procs import process_start
 from .records import RunRecord, now_iso
 from .spawn import fork_held, reset_signals_in_child
@@ -38,7 +39,8 @@ def _describe(agent: str, argv: tuple[str, ...]) -> str:
 def _new_record(corral: "Corral", spec: RunSpec, *, detach: bool) -> RunRecord:
     from .names import new_run_id
 
-    cwd = os.path.abspath(spec.cwd or os.getcwd())
+    given = spec.cwd or ""
+    cwd = os.path.normpath(given if os.path.isabs(given) else os.path.join(current_dir(), given))
     if not os.path.isdir(cwd):
         raise UsageError(f"working directory {cwd!r} does not exist")
     backend = corral.backend

@@ -39,3 +39,15 @@ class Dirs:
             state=pick("XDG_STATE_HOME", "/var/lib/corral", home / ".local" / "state"),
             runtime=pick("XDG_RUNTIME_DIR", "/run/corral", runtime_user),
         )
+
+
+def current_dir() -> str:
+    """The working directory, or a UsageError if it was removed under us (os.getcwd()
+    raises FileNotFoundError then)."""
+    from .errors import UsageError
+
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise UsageError("the current directory no longer exists",
+                         hint="cd to a directory that does, or give one (--cwd / --workspace)") from None

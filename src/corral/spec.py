@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .names import validate_agent
-from .units import parse_duration, parse_percent, parse_positive_int, parse_size
+from .units import MAX_TASKS, parse_duration, parse_percent, parse_positive_int, parse_size
 from .errors import UsageError
 from .isolation import Isolation
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Limits:
             memory_max=parse_size(memory_max) if memory_max is not None else None,
             memory_high=parse_size(memory_high) if memory_high is not None else None,
             cpu_quota=parse_percent(cpu_quota) if cpu_quota is not None else None,
-            tasks_max=parse_positive_int(tasks_max, "tasks max") if tasks_max is not None else None,
+            tasks_max=parse_positive_int(tasks_max, "tasks max", maximum=MAX_TASKS) if tasks_max is not None else None,
         )
 
     def requested(self) -> dict[str, Any]:
@@ -77,6 +80,14 @@ class RunSpec:
         object.__setattr__(self, "bind_back", tuple(self.bind_back))
         if self.timeout is not None:
             object.__setattr__(self, "timeout", parse_duration(self.timeout))
+        if self.lock_timeout is not None:
+            object.__setattr__(self, "lock_timeout", parse_duration(self.lock_timeout, allow_zero=True))
+        object.__setattr__(self, "grace", parse_duration(self.grace, allow_zero=True))
+        if self.session is not None and not str(self.session).strip():
+            raise UsageError("empty session name", hint="give a name, e.g. --session pr-42, or leave it out")
+        if not self.argv[0]:
+            raise UsageError("the command is an empty string", hint="put the command after --, e.g. -- make test")
         for key in self.env:
-            if not key or "=" in key or "\0" in key:
-                raise UsageError(f"invalid environment variable name {key!r}")
+            if not _ENV_NAME.fullmatch(key):
+                raise UsageError(f"invalid environment variable name {key!r}",
+                                 hint="letters, digits and _, not starting with a digit")

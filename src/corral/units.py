@@ -13,8 +13,15 @@ MAX_DURATION = 366 * 86400.0  # a year: longer is a typo, not a deadline
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+MAX_SIZE = 1 << 60  # 1 EiB: beyond it the kernel and systemd overflow; it is a typo
+MAX_TASKS = 4194304  # the kernel's PID_MAX_LIMIT: pids.max can't usefully be higher
+MIN_CPU_QUOTA = 1.0  # percent: cgroup v2 cpu.max takes at least 1 ms per 100 ms period
+
+
 def parse_size(text: str | int) -> int:
     """``512M``, ``2G``, ``1048576`` -> bytes (base 1024, as systemd does)."""
+    if isinstance(text, bool):
+        raise UsageError(f"invalid size {text!r}", hint="use bytes or K/M/G/T, e.g. 512M or 2G")
     if isinstance(text, int):
         value = text
     else:
@@ -24,20 +31,28 @@ def parse_size(text: str | int) -> int:
         value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
     if value <= 0:
         raise UsageError(f"invalid size {text!r}: must be greater than 0")
+    if value > MAX_SIZE:
+        raise UsageError(f"invalid size {text!r}: the largest is 1024P (1 EiB)")
     return value
 
 
-def parse_duration(text: str | float | int) -> float:
-    """``90s``, ``30m``, ``2h``, ``1.5`` -> seconds."""
+def parse_duration(text: str | float | int, *, allow_zero: bool = False) -> float:
+    """``90s``, ``30m``, ``2h``, ``1h30m``, ``1.5`` -> seconds. NaN, infinities, negatives,
+    zero (unless *allow_zero*) and more than a year are a UsageError."""
+    if isinstance(text, bool):
+        raise UsageError(f"invalid duration {text!r}", hint="use e.g. 90s, 30m, 2h, 1h30m")
     if isinstance(text, (int, float)):
         value = float(text)
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d|w)?\s*", str(text))
-        if not m:
-            raise UsageError(f"invalid duration {text!r}", hint="use e.g. 90s, 30m, 2h")
-        value = float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"invalid duration {text!r}: must be a finite number greater than 0")
+        raw = str(text).strip()
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d|w)?\s*", raw)
+        if not raw or not re.fullmatch(r"(?:\d+(?:\.\d+)?\s*(?:ms|s|min|m|h|d|w)?\s*)+", raw) or \
+                (len(parts) > 1 and not all(unit for _n, unit in parts)):
+            raise UsageError(f"invalid duration {text!r}", hint="use e.g. 90s, 30m, 2h, 1h30m")
+        value = sum(float(n) * _DURATION_UNITS[unit] for n, unit in parts)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = "0 or more" if allow_zero else "greater than 0"
+        raise UsageError(f"invalid duration {text!r}: must be a finite number {bound}")
     if value > MAX_DURATION:
         raise UsageError(f"invalid duration {text!r}: the longest is {MAX_DURATION / 86400:.0f} days")
     return value
@@ -52,16 +67,23 @@ def parse_percent(text: str | float | int) -> float:
         raise UsageError(f"invalid CPU quota {text!r}", hint="use a percentage of one CPU, e.g. 50% or 200%") from None
     if not math.isfinite(value) or value <= 0 or value > 100_000:
         raise UsageError(f"invalid CPU quota {text!r}: must be between 0% and 100000%")
+    if value < MIN_CPU_QUOTA:
+        raise UsageError(f"invalid CPU quota {text!r}: the smallest the kernel enforces is {MIN_CPU_QUOTA:g}%")
     return value
 
 
-def parse_positive_int(text: str | int, what: str) -> int:
+def parse_positive_int(text: str | int | float, what: str, *, maximum: int | None = None) -> int:
+    """A whole number > 0 (and <= *maximum*). ``1.5``, ``inf``, ``true`` are errors, not 1."""
+    if isinstance(text, bool) or (isinstance(text, float) and not (math.isfinite(text) and text.is_integer())):
+        raise UsageError(f"invalid {what} {text!r}: not a whole number")
     try:
         value = int(text)
-    except (TypeError, ValueError):
-        raise UsageError(f"invalid {what} {text!r}: not an integer") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"invalid {what} {text!r}: not a whole number") from None
     if value <= 0:
         raise UsageError(f"invalid {what} {text!r}: must be greater than 0")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"invalid {what} {text!r}: at most {maximum}")
     return value
 
 
