@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -437,3 +438,28 @@ def test_bad_numbers_in_config_are_exit_78(corral: CorralCLI, line: str) -> None
     config.write_text(f"[agents.{agent}]\n{line}\n")
     proc = corral("run", agent, "--", "true")
     assert proc.returncode == 78 and "Traceback" not in proc.stderr and agent in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("content", [
+    '{"argv": 5}', '{"cgroup": null}', '{"started_at": 5}', '[1, 2]', '{}', '{garbage', '"x"', '{"id": 5}',
+])
+def test_a_live_run_with_a_bad_record_is_listed_and_killable(corral: CorralCLI, content: str) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sleep", "1000")
+    path = Path(corral.env["XDG_STATE_HOME"]) / "corral" / "runs" / f"{run_id}.json"
+    if content.startswith("{\"") and content != '{"id": 5}':
+        good = json.loads(path.read_text())
+        good.update(json.loads(content))
+        content = json.dumps(good)
+    path.write_text(content)
+    for args in (("ps",), ("ps", "--all"), ("ps", "--json")):
+        proc = corral(*args)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert run_id in proc.stdout, "the live cgroup is not hidden by its bad record"
+    listed = {r["id"]: r for r in corral.json("ps", "--json")}[run_id]
+    assert listed["state"] == "unknown" and str(path) in listed["problem"]
+    proc = corral("kill", run_id)
+    assert proc.returncode == 0, proc.stderr
+    assert not corral.scopes_of(agent)
+    gc = corral("gc", "--json")
+    assert gc.returncode == 0 and "Traceback" not in gc.stderr, gc.stderr
