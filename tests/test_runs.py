@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -463,3 +464,23 @@ def test_a_live_run_with_a_bad_record_is_listed_and_killable(corral: CorralCLI, 
     assert not corral.scopes_of(agent)
     gc = corral("gc", "--json")
     assert gc.returncode == 0 and "Traceback" not in gc.stderr, gc.stderr
+
+
+def test_a_full_state_dir_does_not_take_the_commands_status(corral: CorralCLI, tmp_path: Path) -> None:
+    """The state filesystem fills while an attached run works (a tiny tmpfs, in a private
+    mount namespace of this test only): the caller still gets the command's 3, the run's
+    cgroup is gone, and listing still works."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a private tmpfs over the state dir needs root and unshare")
+    agent = corral.agent()
+    state = Path(corral.env["XDG_STATE_HOME"])
+    script = (f'mount -t tmpfs -o size=256k tmpfs {state} || exit 97; '
+              f'"$@" run {agent} -- sh -c "sleep 1; exit 3" & p=$!; sleep 0.6; '
+              f'dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null; wait $p; echo "status $?"; '
+              f'"$@" ps --all --json > {tmp_path}/ps.json; echo "ps $?"')
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *CORRAL],
+                          env=corral.env, capture_output=True, text=True, timeout=120)
+    assert "status 3" in proc.stdout and "ps 0" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "could not be written" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert agent in (tmp_path / "ps.json").read_text()
+    assert not corral.scopes_of(agent)

@@ -237,8 +237,8 @@ class Corral:
         if fresh is not None and fresh.ended:
             return fresh
         lost = record.replace(state="lost", ended_by="lost-owner", ended_at=record.ended_at or now_iso())
-        if not record.adopted:
-            self.store.save(lost)
+        if not record.adopted:  # best effort: a listing must work on a full disk
+            self.store.save_or_warn(lost, f"run {record.id} lost its owner; its record could not be updated")
         return lost
 
     def _view(self, record: RunRecord) -> RunView:

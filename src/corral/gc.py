@@ -71,8 +71,9 @@ def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcRepo
             backend.teardown(cg)
             record = corral.store.load(scope.run_id)
             if record is not None and not record.ended:
-                corral.store.save(record.replace(state="lost", ended_by="lost-owner", ended_at=now_iso(),
-                                                 leftovers_killed=pids))
+                corral.store.save_or_warn(record.replace(state="lost", ended_by="lost-owner", ended_at=now_iso(),
+                                                         leftovers_killed=pids),
+                                          f"reaped run {record.id}, but its record could not be updated")
             report.reaped.append({"id": scope.run_id, "agent": scope.agent, "unit": backend.unit_name(
                 scope.agent, scope.run_id), "processes_killed": pids})
         else:

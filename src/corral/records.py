@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import RunNotFound, UsageError, translate_oserror
+from .errors import CorralError, RunNotFound, UsageError, translate_oserror
 from .names import is_run_id
 
 LIVE_STATES = ("starting", "running", "paused", "draining")
@@ -157,6 +157,20 @@ class RecordStore:
         except OSError as err:
             raise translate_oserror(err, what="write run record", path=str(self.path(record.id))) from err
         return record
+
+    def save_or_warn(self, record: RunRecord, why: str) -> bool:
+        """Save, but never fail the caller: for writes whose loss costs only history (the
+        end of a run that already ended; a listing noting a lost owner). A full or
+        read-only state dir must not take the command's exit status, the teardown or the
+        listing with it. Returns whether the record was written."""
+        try:
+            self.save(record)
+            return True
+        except (CorralError, OSError) as err:
+            import sys
+
+            print(f"corral: warning: {why}: {getattr(err, 'message', err)}", file=sys.stderr)
+            return False
 
     def load(self, run_id: str) -> RunRecord | None:
         try:

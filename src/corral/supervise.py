@@ -260,7 +260,10 @@ class Owner:
         )
         _tell_watchdog_done(self.watchdog_fd)
         self._reap(self.watchdog_pid)
-        self.store.save(self.record)
+        # The run has ended whatever the disk says: teardown, release and the exit status
+        # must not depend on this write (a full state filesystem).
+        self.store.save_or_warn(self.record, f"run {self.record.id} ended ({self.record.state}) but its record "
+                                f"could not be written")
         if self.in_cgroup:
             self._leave_scope()
             self._release_leases()
@@ -290,7 +293,8 @@ class Owner:
     def _drain(self, exit_code: int | None, sig: int | None) -> None:
         """--keep-leftovers: main has ended, what it left may finish on its own. The run is
         listed as ``draining`` until then; the deadline, Ctrl-C or SIGTERM still end it."""
-        self.store.save(self.record.replace(state="draining", exit_code=exit_code, signal=sig))
+        self.store.save_or_warn(self.record.replace(state="draining", exit_code=exit_code, signal=sig),
+                                f"run {self.record.id} is draining but its record could not be written")
         left = None
         if self.timeout:
             left = max(0.0, self.started + self.timeout - time.monotonic())
