@@ -553,3 +553,45 @@ def test_error_text_has_no_traceback(cfg: Env) -> None:
     proc = cfg("agents", "list")
     assert proc.returncode == 78 and "Traceback" not in proc.stderr
     assert re.search(r"config\.toml:2:\d+: malformed TOML", proc.stderr), proc.stderr
+
+
+# --- files that are not config files ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
+def test_a_config_that_is_no_regular_file_or_too_big_is_exit_78_at_once(cfg: Env, kind: str) -> None:
+    cfg.config.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(cfg.config)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", cfg.config)
+    else:
+        with open(cfg.config, "wb") as f:
+            f.truncate(100 << 20)  # sparse: 100 MB without writing them
+    started = time.monotonic()
+    proc = cfg("agents", "list", timeout=20)
+    assert proc.returncode == 78, (proc.returncode, proc.stderr)
+    assert ("FIFO" in proc.stderr or "device" in proc.stderr or "larger than" in proc.stderr), proc.stderr
+    assert time.monotonic() - started < 15, "it did not hang"  # a generous bound: the bug was a hang
+    assert cfg("agents", "add", "x1").returncode == 78
+    assert kind != "huge" or cfg.config.stat().st_size == 100 << 20, "left untouched"
+
+
+def test_a_new_config_is_0600_and_records_are_the_owners_alone(cfg: Env) -> None:
+    cfg.ok("agents", "add", "p1", "--env", "TOKEN=secret", umask=0o022)
+    assert cfg.config.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root-only refusal")
+def test_root_runs_nothing_from_a_config_another_user_owns(cfg: Env, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    cfg.write(f'[agents.p1]\ncommand = "touch {marker}"\n', mode=0o644)
+    os.chown(cfg.config, 1001, 1001)
+    proc = cfg("run", "p1")
+    assert proc.returncode == 77 and "uid 1001" in proc.stderr, proc.stderr
+    os.chown(cfg.config, 0, 0)
+    os.chown(cfg.config.parent, 1001, 1001)
+    proc = cfg("run", "p1")
+    assert proc.returncode == 77 and "uid 1001" in proc.stderr, proc.stderr
+    assert not marker.exists()
+    assert cfg("agents", "list").returncode == 0, "listing and editing stay possible"

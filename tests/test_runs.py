@@ -484,3 +484,17 @@ def test_a_full_state_dir_does_not_take_the_commands_status(corral: CorralCLI, t
     assert "could not be written" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert agent in (tmp_path / "ps.json").read_text()
     assert not corral.scopes_of(agent)
+
+
+def test_records_are_private_and_gc_sweeps_dead_writers_temp_files(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    corral("run", "--env", "TOKEN=secret", agent, "--", "true", check=True)
+    runs = Path(corral.env["XDG_STATE_HOME"]) / "corral" / "runs"
+    assert runs.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in runs.iterdir()), [oct(p.stat().st_mode) for p in runs.iterdir()]
+    old, new = runs / ".deadbeef.json.abc.tmp", runs / ".cafef00d.json.def.tmp"
+    old.write_text("{")
+    new.write_text("{")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    report = corral.json("gc", "--json")
+    assert report["swept_temps"] == [old.name] and not old.exists() and new.exists(), "a live writer's is kept"

@@ -261,6 +261,8 @@ def load_run_config(dirs: Dirs, name: str) -> tuple[AgentConfig | None, Settings
     validate_agent(name)
     store = open_store(dirs)
     doc = store.document()
+    if _agent_from(doc, name, store.path) is not None:
+        store.check_trusted_for_root()  # what it names is about to run
     settings = _settings_from(doc, store.path)
     agent = _agent_from(doc, name, store.path)
     return (agent.with_defaults(settings) if agent else None), settings

@@ -43,6 +43,7 @@ log = logging.getLogger("corral")
 T = TypeVar("T")
 
 DEFAULT_LOCK_TIMEOUT = 10.0
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; a huge "config" is a mistake or an attack
 # filelock polls a non-blocking flock. 64 waiters at 10 ms cost well under one percent of a
 # core, and a freed lock is seen within 10 ms.
 LOCK_POLL_INTERVAL = 0.01
@@ -169,18 +170,43 @@ class ConfigStore:
     # --- reading --------------------------------------------------------------------------
 
     def _load(self, target: Path) -> tuple[bytes | None, os.stat_result | None]:
+        # O_NONBLOCK: a FIFO put there must not hang every command; it is refused below.
         try:
-            with open(target, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None, None
         except IsADirectoryError as err:
             raise ConfigError(f"{target}: is a directory, not a config file") from err
         except OSError as err:
             raise _oserror(err, "read config", target) from err
-        self._check_mode(target, st)
+        try:
+            try:
+                st = os.fstat(fd)
+            except OSError as err:
+                raise _oserror(err, "read config", target) from err
+            self._check_file(target, st)
+            self._check_mode(target, st)
+            try:
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    data = f.read(MAX_CONFIG_BYTES + 1)
+            except OSError as err:
+                raise _oserror(err, "read config", target) from err
+        finally:
+            os.close(fd)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{target}: larger than {MAX_CONFIG_BYTES // 1024} KiB; that is not a config file",
+                              hint="check what the file is; corral's own config is a few KiB")
         return data, st
+
+    @staticmethod
+    def _check_file(target: Path, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+                stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file"
+            raise ConfigError(f"{target}: is {kind}, not a config file", hint="replace it with a TOML file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{target}: {st.st_size} bytes is larger than {MAX_CONFIG_BYTES // 1024} KiB; that is "
+                              "not a config file", hint="check what the file is; corral's own config is a few KiB")
 
     def _precheck(self, target: Path) -> None:
         try:
@@ -189,17 +215,33 @@ class ConfigStore:
             return
         except OSError as err:
             raise _oserror(err, "read config", target) from err
+        self._check_file(target, st)
         self._check_mode(target, st)
 
     @staticmethod
     def _check_mode(target: Path, st: os.stat_result) -> None:
-        # Whoever can write root's config can make root run anything: refuse it.
+        # Whoever can write root's config can make root run anything: refuse it, and a
+        # file (or a directory holding it) that belongs to another user.
         if os.geteuid() == 0 and st.st_mode & _WRITABLE_BY_OTHERS:
             raise PermissionDenied(
                 f"{target}: config is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
                 "refusing to use it as root",
                 hint=f"chmod go-w {target}",
             )
+
+    def check_trusted_for_root(self) -> None:
+        """Before root runs commands from the config: the file and its directory must be
+        root's. (Root may still edit a user's file, keeping it theirs; it must not run
+        what that user wrote into it.)"""
+        if os.geteuid() != 0:
+            return
+        target = self.target
+        for path in (target, target.parent):
+            owner = _owner(path)
+            if owner not in (0, None):
+                raise PermissionDenied(
+                    f"{path}: belongs to uid {owner}; refusing to run commands from it as root",
+                    hint=f"chown root {path}, or run corral as that user")
 
     def document(self) -> TOMLDocument:
         """The current file, parsed (an empty document if there is none). No lock needed."""
@@ -346,7 +388,7 @@ class ConfigStore:
     @staticmethod
     def _copy_owner_and_mode(fd: int, target: Path, st: os.stat_result | None) -> None:
         if st is None:
-            os.fchmod(fd, 0o666 & ~_umask())  # a new file, as open(2) would create it
+            os.fchmod(fd, 0o600)  # a new file: agents' env may hold secrets
             return
         mine = os.fstat(fd)
         if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
@@ -361,6 +403,13 @@ class ConfigStore:
                 log.debug("cannot keep group %d of %s", st.st_gid, target)
         # After chown: chown clears set-id bits, chmod restores the full mode.
         os.fchmod(fd, stat.S_IMODE(st.st_mode))
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return None
 
 
 __all__ = [

@@ -28,9 +28,11 @@ class GcReport:
     reaped: list[dict[str, Any]] = field(default_factory=list)
     removed_cgroups: list[str] = field(default_factory=list)
     pruned_records: list[str] = field(default_factory=list)
+    swept_temps: list[str] = field(default_factory=list)  # temp files of writers killed mid-write
 
     def to_json(self) -> dict[str, Any]:
-        return {"reaped": self.reaped, "removed_cgroups": self.removed_cgroups, "pruned_records": self.pruned_records}
+        return {"reaped": self.reaped, "removed_cgroups": self.removed_cgroups, "pruned_records": self.pruned_records,
+                "swept_temps": self.swept_temps}
 
 
 def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
@@ -97,6 +99,7 @@ def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcRepo
                     report.removed_cgroups.append(entry.path)
                 except OSError:
                     pass
+    report.swept_temps = corral.store.sweep_temps()
     # records: reconcile live-looking ones, prune ended ones past retention
     cutoff = time.time() - retention
     for record in list(corral.store.all()):

@@ -298,7 +298,7 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: li
                   run_auth: "RunAuth | None") -> RunRecord:
     backend = corral.backend
     cgroup = backend.prepare(spec.agent, record.id, spec.limits)
-    log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)  # type: ignore[arg-type]
+    log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # type: ignore[arg-type]
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     first = os.fork()

@@ -100,7 +100,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
     """temp file in the same dir + fsync + rename + dir fsync. Readers see the old or the
     new content, never a torn one. *durable=False* skips both fsyncs: still atomic against
     a crash of the writer, not against a power loss (for files that need only the former)."""
@@ -139,7 +139,14 @@ class RecordStore:
 
     def ensure(self) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            # The state dir may be traversed (a dropped-uid run's bwrap reaches its strict
+            # home below it) but not listed; records and logs are the owner's alone: argv
+            # and env may hold secrets.
+            self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+            self.dir.mkdir(exist_ok=True, mode=0o700)
+            st = self.dir.stat()
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(self.dir, 0o700)  # made 0755 by an older corral
         except OSError as err:
             raise translate_oserror(err, what="create state dir", path=str(self.dir)) from err
 
@@ -207,6 +214,27 @@ class RecordStore:
         if len(matches) > 1:
             raise UsageError(f"run id prefix {ref!r} is ambiguous: {', '.join(matches[:5])}")
         raise RunNotFound(ref)
+
+    def sweep_temps(self, older_than: float = 3600.0) -> list[str]:
+        """Remove the temp files of writers killed mid-write (``.ID.json.*.tmp``); a live
+        writer renames its temp file within milliseconds, so an hour-old one is debris."""
+        import time
+
+        removed = []
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return removed
+        cutoff = time.time() - older_than
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed.append(entry.name)
+                except OSError:
+                    pass
+        return removed
 
     def delete(self, run_id: str) -> None:
         for path in (self.path(run_id), self.log_path(run_id)):
