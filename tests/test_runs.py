@@ -498,3 +498,44 @@ def test_records_are_private_and_gc_sweeps_dead_writers_temp_files(corral: Corra
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     report = corral.json("gc", "--json")
     assert report["swept_temps"] == [old.name] and not old.exists() and new.exists(), "a live writer's is kept"
+
+
+def test_timeout_sends_sigterm_to_the_whole_run_then_sigkill_after_the_grace(corral: CorralCLI, tmp_path: Path) -> None:
+    """As systemd's RuntimeMaxSec: every process gets SIGTERM at the deadline (a trap can
+    clean up); what ignores it is SIGKILLed after --grace, with a word, and counted."""
+    agent = corral.agent()
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o777)
+    proc = corral("run", "--timeout", "1s", "--grace", "1s", agent, "--", "sh", "-c",
+                  f"trap 'echo cleaned > {out}/main; exit 5' TERM; "
+                  f"sh -c \"trap 'echo daemon-cleaned > {out}/d; exit 0' TERM; while :; do sleep 0.1; done\" & "
+                  "while :; do sleep 0.1; done")
+    assert proc.returncode == 124, proc.stderr
+    assert (out / "main").read_text().strip() == "cleaned" and (out / "d").read_text().strip() == "daemon-cleaned"
+    assert "SIGTERM to all its processes" in proc.stderr and "did not end" not in proc.stderr, proc.stderr
+    agent2 = corral.agent()
+    proc = corral("run", "--timeout", "1s", "--grace", "1s", agent2, "--", "sh", "-c",
+                  "trap '' TERM; sh -c \"trap '' TERM; sleep 100\" & sh -c \"trap '' TERM; sleep 100\" & "
+                  "while :; do sleep 0.1; done")
+    assert proc.returncode == 124, proc.stderr
+    assert "did not end within 1s of SIGTERM" in proc.stderr, proc.stderr
+    (rec,) = [r for r in corral.json("ps", "--all", "--json") if r["agent"] == agent2]
+    assert rec["state"] == "timeout" and rec["leftovers_killed"] >= 2, rec
+    assert not corral.scopes_of(agent2)
+
+
+def test_a_second_ctrl_c_kills_at_once(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    owner = corral.popen("run", "--grace", "30s", agent, "--", "sh", "-c", "trap '' INT TERM; sleep 1000",
+                         stderr=subprocess.PIPE, text=True)
+    corral.wait_for(lambda: corral.json("ps", "--json"), what="run up")
+    owner.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert owner.poll() is None, "the first one only forwards it (the command ignores it)"
+    t0 = time.monotonic()
+    owner.send_signal(signal.SIGINT)
+    _, err = owner.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5, "not after the 30 s grace"
+    assert "second SIGINT, killing it now" in err, err
+    assert not corral.scopes_of(agent)

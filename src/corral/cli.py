@@ -110,7 +110,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
     if detach:
         click.echo(handle.id)
         return
-    handle.wait(handle_signals=True)
+    handle.wait(handle_signals=True, notify=lambda message: click.echo(message, err=True))
     outcome = handle.outcome
     assert outcome is not None
     if outcome.state == "timeout":

@@ -91,8 +91,11 @@ class Run:
     def __repr__(self) -> str:
         return f"<Run {self.id} agent={self.record.agent} unit={self.record.unit}>"
 
-    def wait(self, timeout: float | None = None, *, handle_signals: bool = False) -> RunRecord:
+    def wait(self, timeout: float | None = None, *, handle_signals: bool = False,
+             notify: Callable[[str], None] | None = None) -> RunRecord:
         """Wait for the run to end; as its owner, also kill leftovers and record the end."""
+        if self._owner is not None and notify is not None:
+            self._owner.notify = notify  # e.g. "grace ran out, killing"
         if self._owner is not None:
             self._owner.wait(handle_signals=handle_signals)
             self.record = self._owner.record

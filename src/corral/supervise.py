@@ -119,6 +119,10 @@ class Owner:
         self.outcome: Outcome | None = None
         self.leases: list = []  # session leases held for the run, released once it is torn down
         self.services: Any = None  # the run's auth (auth/runauth.py): served while it lives, closed at its end
+        # What the one waiting should hear while it waits (the CLI prints it): a grace
+        # that ran out, a deadline that struck. The library stays silent by default.
+        self.notify: Any = lambda message: None
+        self._killed_others = 0  # processes besides main that corral killed (timeout, grace)
 
     # ------------------------------------------------------------------------------------
 
@@ -184,6 +188,14 @@ class Owner:
                         if pty is not None and sig in (signal.SIGINT, signal.SIGQUIT):
                             pty.key(sig)  # a key, as on a terminal: no grace deadline
                             continue
+                        if grace_at is not None and sig in (signal.SIGINT, signal.SIGTERM):
+                            # A second Ctrl-C (or TERM) while the first one's grace runs: now.
+                            self.notify(f"corral: run {self.record.id}: second {signal.Signals(sig).name}, "
+                                        "killing it now")
+                            ended_by = "killed" if ended_by != "timeout" else ended_by
+                            grace_at = None
+                            self._kill_payload()
+                            continue
                         self._forward(sig)
                         if grace_at is None:
                             grace_at = now + self.grace
@@ -196,14 +208,20 @@ class Owner:
                     self.backend.teardown(self.payload)
                     continue
                 if timeout_at is not None and now >= timeout_at:
+                    # As systemd's RuntimeMaxSec: SIGTERM to every process, SIGKILL after the grace.
                     ended_by = "timeout"
                     timeout_at = None
-                    self.backend.teardown(self.payload)
+                    self.notify(f"corral: run {self.record.id} reached its --timeout of {self.timeout:g}s: "
+                                f"SIGTERM to all its processes, SIGKILL in {self.grace:g}s")
+                    self._signal_payload(signal.SIGTERM)
+                    grace_at = now + self.grace
                     continue
                 if grace_at is not None and now >= grace_at:
-                    ended_by = "killed"
+                    ended_by = "killed" if ended_by != "timeout" else ended_by
                     grace_at = None
-                    self.backend.teardown(self.payload)
+                    self.notify(f"corral: run {self.record.id} did not end within {self.grace:g}s of SIGTERM: "
+                                "killing it (SIGKILL)")
+                    self._kill_payload()
                     continue
         finally:
             os.close(main_fd)
@@ -238,7 +256,7 @@ class Owner:
             exit_code, sig = None, exit_code - 128
         if self.keep_leftovers and ended_by == "exited" and self.payload.events().populated:
             self._drain(exit_code, sig)
-        leftovers = len(self._leftovers())
+        leftovers = max(len(self._leftovers()), self._killed_others)
         self.backend.teardown(self.payload)
         if self.services is not None:
             self.services.close()  # nothing of the run is left to ask for a token
@@ -324,6 +342,20 @@ class Owner:
         except OSError:
             return
         self.backend.release(self.record.agent, self.record.id, self.cgroup)
+
+    def _kill_payload(self) -> None:
+        """SIGKILL the whole payload at once, counting what besides main it took."""
+        self._killed_others = max(self._killed_others, len(self._leftovers()) - 1)
+        self.backend.teardown(self.payload)
+
+    def _signal_payload(self, sig: int) -> None:
+        """*sig* to every process of the payload (the command's whole tree, daemons too),
+        the sandbox's own helpers excepted: bwrap ignores it, its init would pass it on."""
+        for pid in self._leftovers():
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _reap_orphans(self) -> None:
         """Reap children that are not main or the watchdog (orphans handed to us as subreaper)."""
