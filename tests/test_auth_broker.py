@@ -240,7 +240,8 @@ def test_agent_run_sees_an_access_token_and_no_refresh_token(env: Env, server: O
                    check=True)
     assert (out / "other-id").read_text().strip() == str(NOBODY)
     readable = (out / "other-readable").read_text().split()
-    assert str(env.dirs.config / "config.toml") in readable and any("/runs/" in f for f in readable)
+    # config.toml (agents' env) and the records (argv, env) are the owner's alone too
+    assert str(env.dirs.config / "config.toml") not in readable and not any("/runs/" in f for f in readable), readable
     assert (out / "other-uid").read_text().split() == []
     assert server.stats()["token_requests"] == 1
 

@@ -119,14 +119,25 @@ def access_token(dirs: Dirs, profile: str, *, timeout: float = DEFAULT_TIMEOUT, 
         return get_token(dirs, profile, timeout=timeout)
     except (ProfileNotFound, SignInAgain) as err:
         run_id = os.environ.get("CORRAL_RUN_ID")
-        # Inside a sandboxed run with no grants corral's config and state are hidden (empty
-        # tmpfs, so no runs/ dir): "no profile" or "not signed in" would mislead.
-        if not run_id or os.environ.get(SOCKET_ENV) or (dirs.state / "runs").exists():
+        # Inside a run with no grants corral's config and store are hidden from it: "no
+        # profile" or "not signed in" would mislead.
+        if not run_id or os.environ.get(SOCKET_ENV) or not _inside_run(run_id):
             raise
         raise PermissionDenied(f"run {run_id} was granted no auth profile, so it cannot get {profile!r} "
                                f"({err.message})",
                                hint=f'start the run with --auth {profile}, or give its agent auth = "{profile}"') \
             from None
+
+
+def _inside_run(run_id: str) -> bool:
+    """Is this process in run *run_id*'s cgroup? Its scope in our cgroup path, or (in the
+    run's cgroup namespace, whose root is the run's own leaf) a path of "/"."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8", errors="replace") as f:
+            paths = [line.rstrip("\n").split(":", 2)[2] for line in f if line.startswith("0::")]
+    except (OSError, IndexError):
+        return False
+    return any(p == "/" or f"-{run_id}.scope" in p for p in paths)
 
 
 __all__ = ["PROFILE_ENV", "SOCKET_ENV", "access_token", "ask_broker", "broker_socket",
