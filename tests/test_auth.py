@@ -439,3 +439,53 @@ def test_auth_rm_removes_the_profile_and_its_credential(env: Env, server: OAuthS
     assert "[auth.p1]" not in cfg.read_text() and not env.store_path("p1").exists()
     assert env.cli("auth", "token", "p1").returncode == 3
     assert env.cli("auth", "rm", "p1").returncode == 3
+
+
+_ENOSPC_SCRIPT = r'''
+import os, shutil, subprocess, sys, time, json
+store, corral = sys.argv[1], sys.argv[2:]
+keep = store + ".orig"
+shutil.copytree(store, keep)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", store], check=True)
+for name in os.listdir(keep):
+    shutil.copy2(os.path.join(keep, name), store)
+env = dict(os.environ, CORRAL_AUTH_TEST_STOP_AT="after_response")
+p = subprocess.Popen([*corral, "auth", "token", "p1", "--no-broker"], env=env, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+for _ in range(500):
+    if open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T":
+        break
+    time.sleep(0.02)
+try:
+    with open(os.path.join(store, "filler"), "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+except OSError:
+    pass
+os.kill(p.pid, 18)  # SIGCONT
+out, err = p.communicate(timeout=60)
+stored = json.load(open(os.path.join(store, "p1.json")))
+print(json.dumps({"rc": p.returncode, "err": err, "stored_refresh": stored["refresh_token"]}))
+'''
+
+
+def test_a_full_token_store_after_the_answer_says_what_was_lost(env: Env, server: OAuthServer, tmp_path: Path) -> None:
+    """ENOSPC in the token store once the provider has answered: the error says the new
+    credential could not be saved and the old one was consumed; the store stays parseable."""
+    import shutil
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a private tmpfs over the token store needs root and unshare")
+    pair = setup_profile(env, server)
+    script = tmp_path / "enospc.py"
+    script.write_text(_ENOSPC_SCRIPT)
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, str(script),
+                           str(env.dirs.state / "auth"), *CORRAL], env=env.env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["rc"] == 77, result
+    assert "could not be saved" in result["err"] and "consumed" in result["err"] and "sign in again" in result["err"]
+    assert result["stored_refresh"] == pair["refresh_token"], "the old store is intact and parseable"
+    assert server.stats()["refreshed"] == 1

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-from ..errors import AuthBusy, AuthError, SignInAgain
+from ..errors import AuthBusy, AuthError, CorralError, SignInAgain
 from ..paths import Dirs
 from .oauth import Rejected, TransportError, checkpoint, refresh_grant
 from .profiles import Profile, get_profile
@@ -150,7 +150,12 @@ def _refresh(profile: Profile, store: TokenStore, current: Token, prior: Marker 
                     "pinned %s (sign in again to change it)", profile.name, target.token_url)
     marker = Marker(pid=os.getpid(), started_at=time.time(), phase="sending", generation=current.generation,
                     refresh_fp=fingerprint(current.refresh_token))
-    store.write_marker(marker)
+    try:
+        store.write_marker(marker)
+    except CorralError as err:
+        raise AuthError(f"auth profile {profile.name!r}: cannot refresh, the token store cannot be written "
+                        f"({err.message}); nothing was sent, the stored credential is intact",
+                        hint=f"free space (or fix permissions) in {store.dir}, then retry") from None
     checkpoint("before_send")
     sent = False
 
@@ -184,7 +189,10 @@ def _refresh(profile: Profile, store: TokenStore, current: Token, prior: Marker 
     # From here the old refresh token is spent and the new one exists only in this
     # process: should it die before the store, the next caller must not send the old one.
     answered = dataclasses.replace(marker, phase="answered", answered_at=grant.received_at)
-    store.write_marker(answered)
+    try:
+        store.write_marker(answered)
+    except CorralError:
+        pass  # the "sending" marker stays: the next caller still knows a grant may have been spent
     checkpoint("after_response")
     new = Token(
         refresh_token=grant.refresh_token or current.refresh_token, access_token=grant.access_token,
@@ -194,7 +202,14 @@ def _refresh(profile: Profile, store: TokenStore, current: Token, prior: Marker 
         endpoint=current.endpoint or target.endpoint(),
         extra={**(current.extra or {}), "id_token": grant.id_token} if grant.id_token else current.extra,
     )
-    store.save(new)
+    try:
+        store.save(new)
+    except CorralError as err:
+        # The old file is intact (atomic write), but the provider has consumed its refresh
+        # token: the new one dies with this process. Say exactly that.
+        raise SignInAgain(profile.name, f"the provider issued a new credential, but it could not be saved "
+                                        f"({err.message}); that refresh consumed the stored refresh token (free "
+                                        f"space in {store.dir} first)") from None
     checkpoint("after_store")
     store.clear_marker()
     if prior is not None:
