@@ -489,3 +489,26 @@ def test_a_full_token_store_after_the_answer_says_what_was_lost(env: Env, server
     assert "could not be saved" in result["err"] and "consumed" in result["err"] and "sign in again" in result["err"]
     assert result["stored_refresh"] == pair["refresh_token"], "the old store is intact and parseable"
     assert server.stats()["refreshed"] == 1
+
+
+def test_a_wall_clock_jump_cannot_stretch_a_tokens_life() -> None:
+    """Obtained while the wall clock ran 3 h ahead, a 10-minute token must not look valid
+    for 3 h once the clock is set back: the boot clock bounds it. (A clock jump cannot be
+    made for real on a shared machine: the token's clocks are given.)"""
+    from corral.auth.store import Token, boot_clock
+
+    boot, clock = boot_clock()
+    real = time.time()
+    ahead = real + 3 * 3600
+    token = Token(refresh_token="rt", access_token="at", expires_at=ahead + 600, obtained_at=ahead,
+                  boot_id=boot, boot_obtained=clock)
+    expiry = token.effective_expiry(real, boot_now=(boot, clock))
+    assert expiry is not None and expiry <= real + 600 + 1
+    assert token.effective_expiry(real, boot_now=(boot, clock + 601)) < real  # 10 min later: expired
+    assert not token.valid(real + 0) or token.effective_expiry(real) <= real + 601
+    # another boot: the boot clock says nothing, the wall clock is all there is
+    assert token.effective_expiry(real, boot_now=("other-boot", 5.0)) == ahead + 600
+    # clocks that agree change nothing
+    fair = Token(refresh_token="rt", access_token="at", expires_at=real + 600, obtained_at=real, boot_id=boot,
+                 boot_obtained=clock)
+    assert abs(fair.effective_expiry(real, boot_now=(boot, clock)) - (real + 600)) < 1e-6

@@ -30,7 +30,7 @@ from ..errors import AuthBusy, AuthError, CorralError, SignInAgain
 from ..paths import Dirs
 from .oauth import Rejected, TransportError, checkpoint, refresh_grant
 from .profiles import Profile, get_profile
-from .store import Marker, Token, TokenStore, fingerprint, iso
+from .store import Marker, Token, TokenStore, boot_clock, fingerprint, iso
 
 log = logging.getLogger("corral")
 
@@ -55,7 +55,7 @@ class AccessToken:
 
 def _public(profile: str, token: Token) -> AccessToken:
     assert token.access_token is not None
-    return AccessToken(profile, token.access_token, token.token_type, token.expires_at)
+    return AccessToken(profile, token.access_token, token.token_type, token.effective_expiry(time.time()))
 
 
 def get_token(dirs: Dirs, name: str, *, timeout: float = DEFAULT_TIMEOUT,
@@ -194,9 +194,11 @@ def _refresh(profile: Profile, store: TokenStore, current: Token, prior: Marker 
     except CorralError:
         pass  # the "sending" marker stays: the next caller still knows a grant may have been spent
     checkpoint("after_response")
+    boot = boot_clock()
     new = Token(
         refresh_token=grant.refresh_token or current.refresh_token, access_token=grant.access_token,
         token_type=grant.token_type, expires_at=grant.expires_at, obtained_at=grant.received_at,
+        boot_id=boot[0], boot_obtained=boot[1] - max(0.0, time.time() - grant.received_at),
         scope=grant.scope or current.scope, last_refresh=grant.received_at,
         refresh_count=current.refresh_count + 1, generation=current.generation + 1, source=current.source,
         endpoint=current.endpoint or target.endpoint(),
@@ -250,7 +252,7 @@ def login(dirs: Dirs, name: str, *, refresh_token: str, access_token: str | None
                       generation=(old.generation + 1) if old else 1, source=source,
                       refresh_count=old.refresh_count if old else 0,
                       last_refresh=old.last_refresh if old else None, endpoint=profile.endpoint(),
-                      extra=dict(extra) if extra else None)
+                      extra=dict(extra) if extra else None, boot_id=boot_clock()[0], boot_obtained=boot_clock()[1])
         store.save(token)
         store.clear_marker()
     return token

@@ -43,8 +43,8 @@ def profile_status(dirs: Dirs, profile: Profile, *, now: float | None = None) ->
                    f"sign in again: corral auth login {profile.name}")
     return {
         **out, "state": state, "problem": problem,
-        "expires_at": iso(token.expires_at),
-        "expires_in": None if token.expires_at is None else int(token.expires_at - now),
+        "expires_at": iso(token.effective_expiry(now)),
+        "expires_in": None if token.expires_at is None else int(token.effective_expiry(now) - now),  # type: ignore[operator]
         "last_refresh": iso(token.last_refresh), "refresh_count": token.refresh_count,
         "signed_in_from": token.source, "generation": token.generation,
         "pinned": token.endpoint, "endpoint_differs": differs,

@@ -41,6 +41,16 @@ log = logging.getLogger("corral")
 STORE_VERSION = 1
 
 
+def boot_clock() -> tuple[str | None, float]:
+    """(this boot's id, CLOCK_BOOTTIME): a clock that never jumps and counts suspend."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot: str | None = f.read().strip()
+    except OSError:
+        boot = None
+    return boot, time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def fingerprint(secret: str) -> str:
     """Tells two refresh tokens apart without writing either one down again."""
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
@@ -74,6 +84,10 @@ class Token:
     # Kept from the imported file for the CLI adapters: codex's id_token and account_id,
     # Claude Code's subscriptionType (importers._EXTRA). Never a refresh token.
     extra: dict[str, str] | None = None
+    # The boot clock when the access token was obtained, and which boot: the wall clock can
+    # jump (NTP, a VM resumed, a hand), the boot clock only moves forward.
+    boot_id: str | None = None
+    boot_obtained: float | None = None
 
     def lifetime(self) -> float | None:
         if self.expires_at is None:
@@ -86,8 +100,26 @@ class Token:
         life = self.lifetime()
         return min(wanted, life / 2) if life and life > 0 else wanted
 
+    def effective_expiry(self, now: float, boot_now: tuple[str | None, float] | None = None) -> float | None:
+        """When the access token expires, on the wall clock of *now*: ``expires_at``, but
+        never later than its lifetime counted on the boot clock since it was obtained. A
+        wall clock that jumped forward at sign-in and back since would otherwise make a
+        10-minute token look valid for hours (the provider, whose clock is right, says no)."""
+        if self.expires_at is None:
+            return None
+        life = self.lifetime()
+        if self.boot_obtained is None or not self.boot_id or life is None:
+            return self.expires_at
+        boot, clock = boot_now if boot_now is not None else boot_clock()
+        if boot != self.boot_id:
+            return self.expires_at  # rebooted since: the boot clock says nothing
+        by_boot = now + life - (clock - self.boot_obtained)
+        # Clocks that agree differ by microseconds: keep expires_at as stored then.
+        return by_boot if by_boot < self.expires_at - 1.0 else self.expires_at
+
     def valid(self, now: float, margin: float = 0.0) -> bool:
-        return self.access_token is not None and self.expires_at is not None and self.expires_at - margin > now
+        expiry = self.effective_expiry(now)
+        return self.access_token is not None and expiry is not None and expiry - margin > now
 
     def needs_refresh(self, window: float, now: float) -> bool:
         return not self.valid(now, self.window(window))
