@@ -1153,9 +1153,10 @@ ATTACKS = {
     "kill-cgroup": 'echo 1 > $SLICES/cgroup.kill 2>/dev/null && echo "HIT kill"',
     # SIGSTOP every owner (`corral run`) and watchdog of our tree it can see. The names are
     # put together at run time so that the payload's own command line does not match them.
-    "stop-owner": 'W=corral-watch; W=${W}dog; C=corral.cl; C=${C}i; for p in /proc/[0-9]*; do q=${p#/proc/}; '
+    "stop-owner": 'W=corral-watch; W=${W}dog; C=corral.cl; C=${C}i; O=corral-own; O=${O}er; '
+                  'for p in /proc/[0-9]*; do q=${p#/proc/}; '
                   'tr "\\0" " " < $p/cmdline 2>/dev/null | grep -q "$TAG" || continue; '
-                  'tr "\\0" " " < $p/cmdline 2>/dev/null | grep -q -e "$W" -e "$C" || continue; '
+                  'tr "\\0" " " < $p/cmdline 2>/dev/null | grep -q -e "$W" -e "$C" -e "$O" || continue; '
                   'kill -STOP $q 2>/dev/null && echo "HIT stopped $q"; done',
     "signal-all": 'kill -STOP -1 2>/dev/null; n=$(ls /proc | grep -c "^[0-9]"); [ "$n" -gt 12 ] && echo "HIT sees $n"',
     "read-secrets": 'cat $STATE/auth/* $CONFIG/config.toml $STATE/runs/*.json 2>/dev/null',

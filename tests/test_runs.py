@@ -341,7 +341,7 @@ def test_gc_reaps_a_run_whose_owner_is_gone(corral: CorralCLI) -> None:
     agent = corral.agent()
     run_id = corral.detach(agent, "sh", "-c", "sleep 1000 & sleep 1000 & wait")
     info = corral.wait_for(lambda: (i := corral.show(run_id))["pids"] == 3 and i, what="run up")
-    owner = [p["pid"] for p in info["processes"] if p["role"] == "corral" and "python" in " ".join(p["argv"])]
+    owner = [p["pid"] for p in info["processes"] if p["role"] == "corral" and "corral-owner" in " ".join(p["argv"])]
     watchdog = [p["pid"] for p in info["processes"] if p["role"] == "corral" and "corral-watchdog" in p["argv"]]
     payload = [p["pid"] for p in info["processes"] if p["role"] != "corral"]
     assert owner and watchdog
@@ -539,3 +539,14 @@ def test_a_second_ctrl_c_kills_at_once(corral: CorralCLI) -> None:
     assert time.monotonic() - t0 < 5, "not after the 30 s grace"
     assert "second SIGINT, killing it now" in err, err
     assert not corral.scopes_of(agent)
+
+
+def test_a_detached_owner_shows_no_secret_in_its_command_line(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sleep", "1000", opts=("--env", "API_TOKEN=hunter2-secret"))
+    info = corral.show(run_id)
+    owners = [p for p in info["processes"] if p["role"] == "corral" and "corral-owner" in " ".join(p["argv"])]
+    assert owners, info["processes"]
+    cmdline = Path(f"/proc/{owners[0]['pid']}/cmdline").read_bytes()
+    assert b"hunter2" not in cmdline and cmdline.startswith(f"corral-owner {run_id}".encode()), cmdline
+    assert corral("kill", run_id).returncode == 0

@@ -358,6 +358,9 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
                     run_auth: "RunAuth | None") -> None:  # pragma: no cover - runs in the forked owner
     """Body of a detached run's owner: wait to be placed, start the pair, own the run.
     The parent's D-Bus connection must not be used after fork, and the owner needs none."""
+    from .procs import set_process_title
+
+    set_process_title(f"corral-owner {record.id} {record.agent}")  # not the CLI's argv: --env secrets
     reset_signals_in_child()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

@@ -61,3 +61,27 @@ def escaped(run_id: str, cgroup: str, *, proc: Path = Path("/proc")) -> list[dic
             out.append({"pid": pid, "argv": [a.decode(errors="replace") for a in argv], "cgroup": where})
     return out
 
+
+
+def set_process_title(title: str) -> bool:
+    """Replace this process's command line (/proc/PID/cmdline, what ps shows) with *title*.
+
+    A detached run's owner is a fork of the ``corral run`` that started it: its argv, which
+    may hold ``--env KEY=secret``, would stay readable by every local user for the run's
+    life. The argv area is this process's own memory (its bounds are fields 48 and 49 of
+    /proc/self/stat): overwritten in place, as setproctitle does. False if it could not be."""
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # field N is fields[N - 3]
+    except (OSError, ValueError, IndexError):
+        return False
+    size = end - start
+    if size <= 1:
+        return False
+    data = title.encode(errors="replace")[: size - 1]
+    ctypes.memset(start, 0, size)
+    ctypes.memmove(start, data, len(data))
+    return True
