@@ -550,3 +550,23 @@ def test_a_detached_owner_shows_no_secret_in_its_command_line(corral: CorralCLI)
     cmdline = Path(f"/proc/{owners[0]['pid']}/cmdline").read_bytes()
     assert b"hunter2" not in cmdline and cmdline.startswith(f"corral-owner {run_id}".encode()), cmdline
     assert corral("kill", run_id).returncode == 0
+
+
+def test_an_owners_death_is_on_record_and_its_cgroup_gone_without_ps_or_gc(corral: CorralCLI) -> None:
+    """SIGKILL a detached run's owner: its watchdog kills the run and notes the time; the
+    next corral command of any kind (here `agents list`) records it as lost and, on
+    cgroupfs, removes the empty scope directories."""
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sh", "-c", "sleep 1000 & sleep 1000")
+    info = corral.show(run_id)
+    (owner,) = [p["pid"] for p in info["processes"] if "corral-owner" in " ".join(p["argv"])]
+    os.kill(owner, signal.SIGKILL)
+    runs = Path(corral.env["XDG_STATE_HOME"]) / "corral" / "runs"
+    corral.wait_for(lambda: (runs / f"{run_id}.lost").exists(), what="the watchdog's note")
+    record = json.loads((runs / f"{run_id}.json").read_text())
+    assert record["state"] == "running", "not yet merged: nobody has run corral since"
+    corral.wait_for(lambda: corral("agents", "list").returncode == 0 and not (runs / f"{run_id}.lost").exists(),
+                    what="the note settled by a command that is not ps or gc")
+    record = json.loads((runs / f"{run_id}.json").read_text())
+    assert record["state"] == "lost" and record["ended_by"] == "lost-owner" and record["ended_at"], record
+    assert not corral.scopes_of(agent), "no empty scope directories left behind"

@@ -289,7 +289,10 @@ class Corral:
             try:
                 proc = psutil.Process(pid)
                 with proc.oneshot():
-                    entry: dict[str, Any] = {"pid": pid, "ppid": proc.ppid(), "argv": proc.cmdline()}
+                    argv = proc.cmdline()
+                    while argv and not argv[-1]:
+                        argv.pop()  # a retitled owner (procs.set_process_title) pads with NULs
+                    entry: dict[str, Any] = {"pid": pid, "ppid": proc.ppid(), "argv": argv}
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 continue
             except psutil.AccessDenied:

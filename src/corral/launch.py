@@ -243,7 +243,7 @@ def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: Cgrou
     supervisor, payload = str(cgroup.supervisor.path), str(cgroup.payload.path)
     try:
         watchdog = fork_held(
-            watchdog_argv(str(cgroup.path / "cgroup.kill")),
+            watchdog_argv(str(cgroup.path / "cgroup.kill"), str(corral.store.lost_path(record.id))),
             env={"PATH": "/usr/bin:/bin"}, cwd="/", stdio=(wd_r, devnull, devnull),
             join=(lambda: join(supervisor)) if join_supervisor else None, new_session=True,
         )

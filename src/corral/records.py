@@ -8,6 +8,7 @@ reader sees the old or the new record and never a torn one, even across a crash.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -100,6 +101,15 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _remove_empty_cgroup(scope: Path) -> None:
+    """rmdir a cgroupfs run's leaves, scope and agent slice, where empty (EBUSY otherwise)."""
+    for path in (scope / "payload", scope / "supervisor", scope, scope.parent):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
     """temp file in the same dir + fsync + rename + dir fsync. Readers see the old or the
     new content, never a torn one. *durable=False* skips both fsyncs: still atomic against
@@ -156,6 +166,43 @@ class RecordStore:
     def log_path(self, run_id: str) -> Path:
         return self.dir / f"{run_id}.log"
 
+    def lost_path(self, run_id: str) -> Path:
+        """The watchdog's note that the run's owner died and it killed the run (its time)."""
+        return self.dir / f"{run_id}.lost"
+
+    def _with_lost_note(self, record: RunRecord) -> RunRecord:
+        if record.ended:
+            return record
+        try:
+            when = self.lost_path(record.id).read_text().strip()
+        except OSError:
+            return record
+        return record.replace(state="lost", ended_by="lost-owner", ended_at=when or now_iso())
+
+    def settle_lost(self) -> int:
+        """Write the ends the watchdogs noted into the records and remove what is left of
+        those runs' cgroup directories (cgroupfs: systemd collects its own scopes). Cheap
+        enough for every command: one listing of runs/. Best effort, never raises."""
+        try:
+            notes = [n for n in os.listdir(self.dir) if n.endswith(".lost")]
+        except OSError:
+            return 0
+        settled = 0
+        for name in notes:
+            run_id = name[:-5]
+            record = self.load(run_id)
+            if record is None:
+                continue
+            gone = True
+            if record.backend == "cgroupfs":
+                _remove_empty_cgroup(Path(record.cgroup))
+                gone = not os.path.exists(record.cgroup)  # else: the watchdog is still leaving
+            if self.save_or_warn(record, f"run {run_id} lost its owner; its record could not be updated") and gone:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lost_path(run_id))
+                settled += 1
+        return settled
+
     def save(self, record: RunRecord) -> RunRecord:
         self.ensure()
         data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
@@ -182,7 +229,7 @@ class RecordStore:
     def load(self, run_id: str) -> RunRecord | None:
         try:
             data = json.loads(self.path(run_id).read_bytes())
-            return RunRecord.from_json(data)
+            return self._with_lost_note(RunRecord.from_json(data))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError):
@@ -237,7 +284,7 @@ class RecordStore:
         return removed
 
     def delete(self, run_id: str) -> None:
-        for path in (self.path(run_id), self.log_path(run_id)):
+        for path in (self.path(run_id), self.log_path(run_id), self.lost_path(run_id)):
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -34,16 +34,19 @@ if TYPE_CHECKING:
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 JOB_CONTROL = (signal.SIGTSTP, signal.SIGCONT, signal.SIGWINCH)
 
-# sh: ignore terminal and stop signals (the owner decides), wait for "done" or EOF.
-WATCHDOG_SCRIPT = (  # $1 is the scope's cgroup.kill
+# sh: ignore terminal and stop signals (the owner decides), wait for "done" or EOF. On
+# EOF (the owner died): kill the run whole, then note when, so that the end is on record
+# without anyone having to look (records.RecordStore reads the note; it holds no secret).
+WATCHDOG_SCRIPT = (  # $1 is the scope's cgroup.kill, $2 the run's .lost note
     "trap '' INT HUP QUIT TERM; "
     'while read -r line; do [ "$line" = done ] && exit 0; done; '
-    'echo 1 > "$1"'
+    # The note first: cgroup.kill takes the watchdog too (it lives in the scope).
+    '[ -z "$2" ] || date -u +%Y-%m-%dT%H:%M:%S.000Z > "$2"; echo 1 > "$1"'
 )
 
 
-def watchdog_argv(kill_file: str) -> list[str]:
-    return ["/bin/sh", "-c", WATCHDOG_SCRIPT, "corral-watchdog", kill_file]
+def watchdog_argv(kill_file: str, lost_note: str = "") -> list[str]:
+    return ["/bin/sh", "-c", WATCHDOG_SCRIPT, "corral-watchdog", kill_file, lost_note]
 
 
 @dataclass
