@@ -35,9 +35,58 @@ def _usable_backends() -> list[str]:
 BACKENDS = _usable_backends()
 
 
+def _own_cgroup_root() -> Path | None:
+    """On the cgroupfs backend the tests work under a cgroup root of their own (a child of
+    the cgroup2 mount, ``CORRAL_CGROUP_ROOT``), so that other corral users on this machine
+    neither break the tests nor are touched by them. Set before anything reads it; every
+    subprocess inherits it. An explicit CORRAL_CGROUP_ROOT is kept."""
+    if "cgroupfs" not in BACKENDS or os.environ.get("CORRAL_CGROUP_ROOT"):
+        return None
+    from corral.cgroup import find_cgroup2_mount
+
+    mount = find_cgroup2_mount()
+    if mount is None:
+        return None
+    root = mount / f"corral-test-{uuid.uuid4().hex[:8]}"
+    try:
+        root.mkdir()
+    except OSError:
+        return None  # not ours to write (a user without delegation): the default root then
+    os.environ["CORRAL_CGROUP_ROOT"] = str(root)
+    return root
+
+
+TEST_CGROUP_ROOT = _own_cgroup_root()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Kill what is left in our own cgroup root, by cgroup, and remove it."""
+    root = TEST_CGROUP_ROOT
+    if root is None or not root.exists():
+        return
+    try:
+        (root / "cgroup.kill").write_text("1")
+    except OSError:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if "populated 0" in (root / "cgroup.events").read_text():
+                break
+        except OSError:
+            break
+        time.sleep(0.05)
+    for dirpath, _dirs, _files in sorted(os.walk(root, topdown=False), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
-    return f"corral backends under test: {', '.join(BACKENDS) or 'none'} (as {who})"
+    root = f"; cgroup root {os.environ['CORRAL_CGROUP_ROOT']}" if os.environ.get("CORRAL_CGROUP_ROOT") else ""
+    return f"corral backends under test: {', '.join(BACKENDS) or 'none'} (as {who}){root}"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
