@@ -69,7 +69,7 @@ from corral.paths import Dirs  # noqa: E402
 
 CORRAL = [sys.executable, "-m", "corral.cli"]
 LIVE_STATES = ("starting", "running", "paused", "draining")
-SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile", "gcrace")
+SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile", "gcrace", "records")
 
 # Every process it starts writes its own pid to $M: setsid, double-forked, nohup'd, and main.
 _SELF = 'echo $$ >> "$M"; exec sleep 1000'
@@ -1141,6 +1141,69 @@ def scenario_gcrace(h: Harness, scale: float) -> list[Result]:
     return [res]
 
 
+# --- 9. corrupt and wrong-typed records ----------------------------------------------------
+
+_ODD_VALUES = [None, 5, -1, 2**70, 1.5, float("inf"), "", "x" * 5000, [], [1, "a"], {}, {"a": 1}, True, "\u0000",
+               "../../etc/passwd", "/sys/fs/cgroup", "running", "lost"]
+
+
+def _mangle(record: dict[str, Any], rng: random.Random) -> str:
+    """A record as a buggy writer, a disk error or a hostile hand might leave it."""
+    how = rng.randrange(6)
+    if how == 0:
+        return rng.choice(["", "{", "{garbage", "[]", "null", "5", '"x"', "\x00" * 10, "{" * 5000])
+    data = dict(record)
+    for key in rng.sample(sorted(data), k=rng.randint(1, 4)):
+        if how == 1:
+            del data[key]
+        else:
+            data[key] = rng.choice(_ODD_VALUES)
+    if how == 5:
+        data["cgroup"] = rng.choice(["/", "/sys/fs/cgroup", "/proc", "relative/path", "/nonexistent"])
+    return json.dumps(data, allow_nan=True)
+
+
+def scenario_records(h: Harness, scale: float) -> list[Result]:
+    """A live run whose record is mangled: ps (table and JSON), show, kill and gc must
+    answer without a traceback, the run stays listed (never hidden), and it can be killed."""
+    env = h.env("records")
+    rng = h.rng("records")
+    res = Result("9 corrupt and wrong-typed records")
+    total = max(20, round(200 * scale))
+    res.trials = total
+    agent = h.agent("rc")
+    for i in range(total):
+        out = h.cli(env, "run", "--detach", agent, "--", "sleep", "1000")
+        if out.returncode != 0:
+            res.fail(f"trial {i}: run --detach exited {out.returncode}: {tail(out.stderr)}")
+            continue
+        run_id = out.stdout.strip()
+        path = Path(env["XDG_STATE_HOME"]) / "corral" / "runs" / f"{run_id}.json"
+        mangled = _mangle(json.loads(path.read_text()), rng)
+        path.write_text(mangled)
+        res.faults += 1
+        for args in (("ps",), ("ps", "--all", "--json"), ("show", run_id), ("gc", "--json")):
+            got = h.cli(env, *args)
+            if "Traceback" in got.stderr or got.returncode not in (0, 3):
+                res.fail(f"trial {i}: {' '.join(args)} exited {got.returncode} on {mangled[:80]!r}: "
+                         f"{tail(got.stderr)}")
+        listed = h.cli(env, "ps", "--json")
+        alive = h.populated(h.scopes(agent).get(run_id, Path("/nonexistent")))
+        if alive and listed.returncode == 0 and run_id not in listed.stdout:
+            res.lose(f"trial {i}: a live run hidden by its record {mangled[:80]!r}")
+        got = h.cli(env, "kill", run_id)
+        if h.populated(h.scopes(agent).get(run_id, Path("/nonexistent"))):
+            res.lose(f"trial {i}: kill {run_id} exited {got.returncode} and the run lives: {tail(got.stderr)}")
+            h.cli(env, "kill", "--all-users")
+    h.cli(env, "gc", "--json")
+    left = len(h.scopes(agent))
+    if left:
+        res.lose(f"{left} run cgroup(s) left after kill and gc", count=left)
+    res.notes.append(f"{total} live runs with mangled records (missing keys, wrong types, odd cgroup paths, "
+                     "garbage); ps, show, gc, kill on each")
+    return [res]
+
+
 # --- 7. hostile payload ---------------------------------------------------------------------
 
 # Attacks an LLM-written payload may try (issue 11), as sh. $ROOT is the cgroup2 mount,
@@ -1274,6 +1337,7 @@ def scenario_hostile(h: Harness, scale: float) -> list[Result]:
 RUNNERS: dict[str, Callable[[Harness, float], list[Result]]] = {
     "owner": scenario_owner, "crash": scenario_crash, "config": scenario_config, "token": scenario_token,
     "fuzz": scenario_fuzz, "load": scenario_load, "hostile": scenario_hostile, "gcrace": scenario_gcrace,
+    "records": scenario_records,
 }
 
 

@@ -443,6 +443,7 @@ def test_bad_numbers_in_config_are_exit_78(corral: CorralCLI, line: str) -> None
 
 @pytest.mark.parametrize("content", [
     '{"argv": 5}', '{"cgroup": null}', '{"started_at": 5}', '[1, 2]', '{}', '{garbage', '"x"', '{"id": 5}',
+    '{"cgroup": "/sys/fs/cgroup/unified"}', '{"cgroup": "/sys/fs/cgroup/x/../corral.slice"}',
 ])
 def test_a_live_run_with_a_bad_record_is_listed_and_killable(corral: CorralCLI, content: str) -> None:
     agent = corral.agent()

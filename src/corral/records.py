@@ -83,6 +83,12 @@ class RunRecord:
                 raise ValueError(f"field {name!r} has the wrong type ({type(value).__name__})")
         if not is_run_id(record.id) or not all(isinstance(a, str) for a in (*record.argv, *record.grants)):
             raise ValueError("bad id or argv")
+        # Whatever corral does to a run it does to this path (cgroup.kill, freeze): it must
+        # name the run's own scope, never some other cgroup.
+        scope = Path(record.cgroup)
+        if not scope.is_absolute() or ".." in scope.parts or scope.name != f"corral-{record.agent}-{record.id}.scope" \
+                or scope.parent.name != f"corral-{record.agent}.slice":
+            raise ValueError(f"cgroup {record.cgroup!r} is not the run's scope")
         return record
 
     def replace(self, **changes: Any) -> "RunRecord":
