@@ -19,6 +19,12 @@ Scenarios (cgroupfs backend on this host's cgroup v2 mount):
           kill cgroups, signal the owner, read the token store/config/records, overwrite
           its record, unmount, nested namespaces, the user bus, daemons, the caller's env),
           then `corral kill`: 0 survivors, 0 secrets read, 0 ghosts
+  gcrace  200 launches (attached and detached) beside `corral gc` loops from the runs'
+          own state dir and from another: 0 failed launches, nothing left
+  records 200 live runs whose record is mangled (missing keys, wrong types, odd cgroup
+          paths, garbage): ps, show, gc answer, the run stays listed and is killed
+  options every option of every command with junk values (seeded random): never a
+          traceback, a hang or an exit code the README does not document
 
 Everything runs in private XDG dirs under one temp dir and in a private cgroup subtree
 (``CORRAL_CGROUP_ROOT``): `corral ps`, `gc` and `kill --all` look at every corral scope
@@ -69,7 +75,7 @@ from corral.paths import Dirs  # noqa: E402
 
 CORRAL = [sys.executable, "-m", "corral.cli"]
 LIVE_STATES = ("starting", "running", "paused", "draining")
-SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile", "gcrace", "records")
+SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile", "gcrace", "records", "options")
 
 # Every process it starts writes its own pid to $M: setsid, double-forked, nohup'd, and main.
 _SELF = 'echo $$ >> "$M"; exec sleep 1000'
@@ -1204,6 +1210,87 @@ def scenario_records(h: Harness, scale: float) -> list[Result]:
     return [res]
 
 
+# --- 10. every option of every command -----------------------------------------------------
+
+_NASTY = ["", " ", "-1", "0", "1", "1.5", "nan", "inf", "-inf", "1e300", str(2**70), "99999999999T", "0.00001%",
+          "1h30m", "30s", "5m", "abc", "a" * 300, "../x", "/", "\u00e9", "\u0661", "--", "-x", "K=V", "A B=1", "=",
+          "x=", "lane1", "deadbeef", "dead", "cafe", "KILL", "SIGTERM", "64", "999", "json", "form", "none", "strict",
+          "loopback", "root", "nobody", "$(id)", "a\nb", "%s%s", "\\"]
+
+
+def _commands() -> list[tuple[list[str], Any]]:
+    """(path, click command) for every leaf command of corral's CLI."""
+    import click
+
+    from corral.cli import cli
+
+    out: list[tuple[list[str], Any]] = []
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+        else:
+            out.append((path, cmd))
+
+    walk(cli, [])
+    return out
+
+
+# Commands that serve or follow forever by design: driven with a deadline of their own.
+_FOREVER = {("auth", "broker"), ("broker",)}
+
+
+def scenario_options(h: Harness, scale: float) -> list[Result]:
+    """Each option of each command, given junk or edge values (and junk positional
+    arguments): whatever it is, a user gets an exit code and a message, never a
+    traceback or a hang."""
+    import click
+
+    env = h.env("options")
+    rng = h.rng("options")
+    res = Result("10 every option of every command, junk values")
+    commands = [(path, cmd) for path, cmd in _commands() if tuple(path) not in _FOREVER]
+    rounds = max(2, round(12 * scale))
+    covered: set[str] = set()
+    for _ in range(rounds):
+        for path, cmd in commands:
+            for param in cmd.params:
+                args: list[str] = list(path)
+                if isinstance(param, click.Option):
+                    name = max(param.opts, key=len)
+                    covered.add(f"{' '.join(path)} {name}")
+                    if param.is_flag:
+                        args.append(name)
+                    else:
+                        args += [name, rng.choice(_NASTY)]
+                for other in cmd.params:  # positional arguments: junk too
+                    if isinstance(other, click.Argument):
+                        args += [rng.choice(_NASTY) or "x"] * (1 if other.nargs == 1 else rng.randint(1, 2))
+                if path == ["wait"] or path == ["logs"]:
+                    args += ["--timeout", "1"] if path == ["wait"] else []
+                    if "--follow" in args or "-f" in args:
+                        continue
+                if path and path[0] == "run" and "--" not in args:
+                    args += ["--", "true"]
+                res.trials += 1
+                try:
+                    out = h.cli(env, *args, timeout=60)
+                except subprocess.TimeoutExpired:
+                    res.fail(f"corral {' '.join(args)[:150]} did not end within 60 s")
+                    h.kill_tree()
+                    continue
+                if "Traceback" in out.stderr:
+                    res.fail(f"corral {' '.join(args)[:150]}: traceback: {tail(out.stderr, 200)}")
+                elif out.returncode not in (0, 1, 2, 3, 69, 75, 77, 78, 124, 126, 127):
+                    res.fail(f"corral {' '.join(args)[:150]}: undocumented exit {out.returncode}: "
+                             f"{tail(out.stderr, 200)}")
+    h.cli(env, "kill", "--all")
+    h.cli(env, "gc", "--json")
+    res.notes.append(f"{len(covered)} options of {len(commands)} commands, {rounds} rounds of junk values")
+    return [res]
+
+
 # --- 7. hostile payload ---------------------------------------------------------------------
 
 # Attacks an LLM-written payload may try (issue 11), as sh. $ROOT is the cgroup2 mount,
@@ -1337,7 +1424,7 @@ def scenario_hostile(h: Harness, scale: float) -> list[Result]:
 RUNNERS: dict[str, Callable[[Harness, float], list[Result]]] = {
     "owner": scenario_owner, "crash": scenario_crash, "config": scenario_config, "token": scenario_token,
     "fuzz": scenario_fuzz, "load": scenario_load, "hostile": scenario_hostile, "gcrace": scenario_gcrace,
-    "records": scenario_records,
+    "records": scenario_records, "options": scenario_options,
 }
 
 
