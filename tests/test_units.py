@@ -64,7 +64,8 @@ def test_percent_and_signal() -> None:
 
 def test_record_store_atomic_and_prefix(tmp_path: Path) -> None:
     store = RecordStore(tmp_path / "runs")
-    rec = RunRecord(id="0a1b2c3d", agent="a", argv=["true"], cwd="/", backend="cgroupfs", unit="u", cgroup="/x")
+    rec = RunRecord(id="0a1b2c3d", agent="a", argv=["true"], cwd="/", backend="cgroupfs", unit="u",
+                    cgroup="/sys/fs/cgroup/corral.slice/corral-a.slice/corral-a-0a1b2c3d.scope")
     store.save(rec)
     store.save(rec.replace(state="exited", exit_code=0))
     assert store.load("0a1b2c3d").exit_code == 0  # type: ignore[union-attr]
