@@ -59,23 +59,28 @@ def _own_cgroup_root() -> Path | None:
 TEST_CGROUP_ROOT = _own_cgroup_root()
 
 
+def kill_cgroup(path: Path, *, timeout: float) -> None:
+    """cgroup.kill, then wait (up to *timeout* s) until the cgroup is empty or gone."""
+    try:
+        (path / "cgroup.kill").write_text("1")
+    except OSError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "populated 0" in (path / "cgroup.events").read_text():
+                return
+        except OSError:
+            return
+        time.sleep(0.02)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Kill what is left in our own cgroup root, by cgroup, and remove it."""
     root = TEST_CGROUP_ROOT
     if root is None or not root.exists():
         return
-    try:
-        (root / "cgroup.kill").write_text("1")
-    except OSError:
-        pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if "populated 0" in (root / "cgroup.events").read_text():
-                break
-        except OSError:
-            break
-        time.sleep(0.05)
+    kill_cgroup(root, timeout=10)
     for dirpath, _dirs, _files in sorted(os.walk(root, topdown=False), key=lambda w: -len(w[0])):
         try:
             os.rmdir(dirpath)
@@ -161,18 +166,7 @@ class CorralCLI:
         """Kill what this test's agents left, by cgroup, and remove the cgroups."""
         for agent in self.agents:
             for scope in self.scopes_of(agent):
-                try:
-                    (scope / "cgroup.kill").write_text("1")
-                except OSError:
-                    pass
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:
-                    try:
-                        if "populated 0" in (scope / "cgroup.events").read_text():
-                            break
-                    except FileNotFoundError:
-                        break
-                    time.sleep(0.02)
+                kill_cgroup(scope, timeout=5)
                 if self.backend == "cgroupfs":
                     for leaf in ("payload", "supervisor", ""):
                         try:

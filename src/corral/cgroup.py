@@ -13,6 +13,7 @@ import select
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 from .errors import translate_oserror
 
@@ -192,18 +193,23 @@ class CgroupDir:
                 return
             raise err
 
-    def signal_all(self, sig: int) -> list[int]:
-        """Send *sig* to every process below. Frozen around it so forks cannot outrun us."""
+    def signal_all(self, sig: int, *, skip: Callable[[list[int]], Iterable[int]] | None = None) -> list[int]:
+        """Send *sig* to every process below (but those *skip* picks from the list, e.g. a
+        sandbox's own helpers). Frozen around it so forks cannot outrun us."""
         was_frozen = self.events().frozen
         if not was_frozen:
             self.set_frozen(True, timeout=2.0)
         sent: list[int] = []
         try:
-            for pid in self.pids():
+            pids = self.pids()
+            skipped = set(skip(pids)) if skip is not None else set()
+            for pid in pids:
+                if pid in skipped:
+                    continue
                 try:
                     os.kill(pid, sig)
                     sent.append(pid)
-                except ProcessLookupError:  # ESRCH: already gone
+                except (ProcessLookupError, PermissionError):  # gone, or not ours: cgroup.kill follows
                     pass
         finally:
             if not was_frozen:

@@ -220,8 +220,8 @@ class ConfigStore:
 
     @staticmethod
     def _check_mode(target: Path, st: os.stat_result) -> None:
-        # Whoever can write root's config can make root run anything: refuse it, and a
-        # file (or a directory holding it) that belongs to another user.
+        # Whoever can write root's config can make root run anything: refuse it. (A file
+        # another user owns may be edited; check_trusted_for_root refuses running from it.)
         if os.geteuid() == 0 and st.st_mode & _WRITABLE_BY_OTHERS:
             raise PermissionDenied(
                 f"{target}: config is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "

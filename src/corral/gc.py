@@ -91,14 +91,13 @@ def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcRepo
         entries = list(os.scandir(root)) if backend.name == "cgroupfs" else []
     except FileNotFoundError:  # the last run's release removed it meanwhile
         entries = []
-    if entries:
-        for entry in entries:
-            if entry.is_dir() and entry.name.startswith("corral-") and entry.name.endswith(".slice"):
-                try:
-                    os.rmdir(entry.path)
-                    report.removed_cgroups.append(entry.path)
-                except OSError:
-                    pass
+    for entry in entries:
+        if entry.is_dir() and entry.name.startswith("corral-") and entry.name.endswith(".slice"):
+            try:
+                os.rmdir(entry.path)
+                report.removed_cgroups.append(entry.path)
+            except OSError:
+                pass
     report.swept_temps = corral.store.sweep_temps()
     # records: reconcile live-looking ones, prune ended ones past retention
     cutoff = time.time() - retention

@@ -176,8 +176,9 @@ class RecordStore:
         """The watchdog's note that the run's owner died and it killed the run (its time)."""
         return self.dir / f"{run_id}.lost"
 
-    def _with_lost_note(self, record: RunRecord) -> RunRecord:
-        if record.ended:
+    def _with_lost_note(self, record: RunRecord, noted: bool | None) -> RunRecord:
+        """*noted*: whether a listing of runs/ showed a note (None: not known, look)."""
+        if record.ended or noted is False:
             return record
         try:
             when = self.lost_path(record.id).read_text().strip()
@@ -196,7 +197,7 @@ class RecordStore:
         settled = 0
         for name in notes:
             run_id = name[:-5]
-            record = self.load(run_id)
+            record = self.load(run_id, noted=True)
             if record is None:
                 continue
             gone = True
@@ -232,10 +233,10 @@ class RecordStore:
             print(f"corral: warning: {why}: {getattr(err, 'message', err)}", file=sys.stderr)
             return False
 
-    def load(self, run_id: str) -> RunRecord | None:
+    def load(self, run_id: str, *, noted: bool | None = None) -> RunRecord | None:
         try:
             data = json.loads(self.path(run_id).read_bytes())
-            return self._with_lost_note(RunRecord.from_json(data))
+            return self._with_lost_note(RunRecord.from_json(data), noted)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError):
@@ -246,9 +247,10 @@ class RecordStore:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return
+        lost = {n[:-5] for n in names if n.endswith(".lost")}  # no open per record to look for one
         for name in sorted(names):
             if name.endswith(".json") and is_run_id(name[:-5]):
-                record = self.load(name[:-5])
+                record = self.load(name[:-5], noted=name[:-5] in lost)
                 if record is not None:
                     yield record
 

@@ -354,11 +354,9 @@ class Owner:
     def _signal_payload(self, sig: int) -> None:
         """*sig* to every process of the payload (the command's whole tree, daemons too),
         the sandbox's own helpers excepted: bwrap ignores it, its init would pass it on."""
-        for pid in self._leftovers():
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+        from .isolation import sandbox_pids
+
+        self.payload.signal_all(sig, skip=sandbox_pids if self.sandboxed else None)
 
     def _reap_orphans(self) -> None:
         """Reap children that are not main or the watchdog (orphans handed to us as subreaper)."""

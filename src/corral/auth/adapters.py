@@ -114,14 +114,15 @@ class Adapter:
                 os.unlink(tmp)
             raise
 
-    def _copy_config(self, source_dir: Path, names: tuple[str, ...], dest: Path) -> None:
-        """The user's own settings for the CLI, copied read-only (never their credentials)."""
+    def _copy_config(self, source_dir: Path, names: tuple[str, ...], dest: Path, *, mode: int = 0o444) -> None:
+        """The user's own settings for the CLI, copied (read-only unless the CLI must write
+        the copy), never their credentials."""
         for name in names:
             src = source_dir / name
             if src.is_file():
                 target = dest / name
                 shutil.copyfile(src, target)
-                os.chmod(target, 0o444)
+                os.chmod(target, mode)
                 self._chown(target)
 
 
@@ -356,18 +357,15 @@ class OpenclawAdapter(Adapter):
         self._dir("openclaw")
         state, home = self._dir("openclaw/state"), self._dir("openclaw/home")
         source = Path(os.environ.get("OPENCLAW_STATE_DIR") or os.path.expanduser("~/.openclaw"))
-        for name in self.CONFIG_FILES:  # the user's settings; paste-token adds the profile to the copy
-            if (source / name).is_file():
-                shutil.copyfile(source / name, state / name)
-                os.chmod(state / name, 0o600)
-                self._chown(state / name)
+        self._copy_config(source, self.CONFIG_FILES, state, mode=0o600)  # paste-token adds the profile to it
         self.write(token)
         return {"OPENCLAW_STATE_DIR": str(state), "OPENCLAW_HOME": str(home)}
 
     def write(self, token: AccessToken) -> None:
         import subprocess
 
-        argv = [self.binary or "openclaw", "models", "auth", "paste-token", "--provider", self.provider,
+        assert self.binary is not None  # __init__ refused a profile without one
+        argv = [self.binary, "models", "auth", "paste-token", "--provider", self.provider,
                 "--profile-id", self.profile_id]
         if token.expires_at is not None:
             argv += ["--expires-in", f"{max(int(token.expires_at - time.time()), 1)}s"]
