@@ -6,7 +6,7 @@ SHELL       := /bin/bash
 PY          := /usr/bin/python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
-APT_PKGS    := libsystemd-dev pkg-config systemd-container python3-venv python3-dev gcc bubblewrap
+APT_PKGS    := libsystemd-dev pkg-config systemd-container python3-venv python3-dev gcc bubblewrap faketime
 PYTEST      := $(VENV)/bin/pytest -q -p no:cacheprovider
 export PYTHONDONTWRITEBYTECODE := 1
 # What depends on the backend runs in every tier; config, auth and pure tests only on the host.

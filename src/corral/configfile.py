@@ -81,6 +81,9 @@ def _oserror(err: OSError, what: str, path: Path | str) -> CorralError:
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionDenied(f"{what}: permission denied ({path})",
                                 hint="check the owner and mode of the file and its directory, or run as its owner")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CorralError(f"{what}: no space left on the filesystem ({path}); the file was not changed",
+                           hint=f"free space there (df -h {path}), then try again")
     return CorralError(f"{what}: {err.strerror or err} ({path})")
 
 

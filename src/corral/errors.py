@@ -112,6 +112,9 @@ def translate_oserror(err: OSError, *, what: str, path: str | None = None) -> Co
             f"{what}: permission denied{where}",
             hint="run as root, or as the user who owns this cgroup tree (see: corral doctor)",
         )
+    if err.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return BackendError(f"{what}: no space left on the filesystem{where}",
+                            hint=f"free space there (df -h {path or '.'}), then try again")
     return BackendError(f"{what}: {err.strerror or err}{where}")
 
 

@@ -13,7 +13,7 @@ import shlex
 from typing import TYPE_CHECKING, Callable
 
 from .cgroup import CgroupDir, join
-from .errors import CorralError, UsageError
+from .errors import BackendError, CorralError, UsageError
 from .paths import current_dir
 from .procs import process_start
 from .records import RunRecord, now_iso
@@ -139,6 +139,14 @@ def _release_all(leases: list["Lease"]) -> None:
         lease.release()
 
 
+def _save_start_record(corral: "Corral", record: RunRecord) -> None:
+    try:
+        corral.store.save(record)
+    except CorralError as err:
+        err.message = f"{err.message}; the command was not started"
+        raise
+
+
 def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = False, hold_signals: bool = False,
                    terminal: bool = False, on_wait: Callable[[object], None] | None = None) -> tuple[RunRecord, Owner]:
     """Start *spec* owned by this process: the caller waits on the returned Owner.
@@ -155,7 +163,7 @@ def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = Fals
         spec, run_auth = _prepare_auth(corral, spec, record)
         for lease in leases:
             lease.update_holder(run_id=record.id, cgroup=record.cgroup)  # before any process is in it
-        corral.store.save(record)
+        _save_start_record(corral, record)
         if hold_signals:
             block_forwarded_signals()
         record, owner = _start_attached(corral, spec, record, reap_orphans=reap_orphans, terminal=terminal)
@@ -214,7 +222,8 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
     finally:
         if not started:
             backend.release(spec.agent, record.id, cgroup)
-            corral.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()))
+            corral.store.save_or_warn(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()),
+                                      f"run {record.id} did not start; its record could not say so")
     record = record.replace(
         state="running",
         main_pid=main.pid,
@@ -225,7 +234,9 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
         limits={"requested": spec.limits.requested(), "effective": limits},
         isolation=sandbox.describe(terminal=relay is not None),
     )
-    corral.store.save(record)
+    # The command runs: from here a failed write costs only detail in `ps` (the record on
+    # disk still names this process as the owner, and the cgroup is the truth), never the run.
+    corral.store.save_or_warn(record, f"run {record.id} is running; its record could not be updated")
     owner = Owner(
         backend=backend, store=corral.store, record=record, cgroup=cgroup, main_pid=main.pid,
         watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=False,
@@ -279,7 +290,7 @@ def start_detached(corral: "Corral", spec: RunSpec, *, on_wait: Callable[[object
         spec, run_auth = _prepare_auth(corral, spec, record)
         for lease in leases:
             lease.update_holder(run_id=record.id, cgroup=record.cgroup)
-        corral.store.save(record)
+        _save_start_record(corral, record)
         started = _run_detached(corral, spec, record, leases, run_auth)
         if run_auth is not None:
             run_auth.detach_copy()  # the owner serves it now
@@ -336,7 +347,8 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: li
         except BaseException:
             os.close(gate_w)  # the owner sees EOF at the gate and exits
             backend.release(spec.agent, record.id, cgroup)
-            corral.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()))
+            corral.store.save_or_warn(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()),
+                                      f"run {record.id} did not start; its record could not say so")
             raise
         # The gate carries the read-back limits: the owner writes the one "running" record.
         os.write(gate_w, b"g" + json.dumps(limits).encode() + b"\n")
@@ -344,6 +356,9 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: li
         reply = reader.readline().decode().strip()
     finally:
         reader.close()
+    if reply.startswith("fail "):  # the owner could not record the run: it is gone again
+        raise BackendError(f"run {record.id} was not started: {reply[5:]}",
+                           hint="free space on the state filesystem (corral doctor names it), then try again")
     if not reply.startswith("ok"):
         from .errors import SpawnError
 
@@ -382,8 +397,9 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
         main.release()
     except CorralError as err:
         os.write(report_w, f"err {getattr(err, 'errno', 0)}\n".encode())
-        corral.store.save(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso(),
-                                       exit_code=getattr(err, "exit_code", 1)))
+        corral.store.save_or_warn(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso(),
+                                                 exit_code=getattr(err, "exit_code", 1)),
+                                  f"run {record.id} did not start; its record could not say so")
         cgroup.kill()
         os._exit(1)
     running = record.replace(
@@ -393,7 +409,14 @@ def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: 
     )
     for lease in leases:
         lease.update_holder(owner_pid=os.getpid(), main_pid=main.pid)
-    corral.store.save(running)
+    try:
+        # Unlike an attached run's, this record is what names the owner: without it the
+        # run would look ownerless, so a detached run that cannot be recorded does not run.
+        corral.store.save(running)
+    except CorralError as err:
+        os.write(report_w, f"fail {err.message}\n".encode())
+        cgroup.kill()
+        os._exit(1)
     os.write(report_w, b"ok\n")
     os.close(report_w)
     owner = Owner(

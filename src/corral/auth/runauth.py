@@ -62,6 +62,10 @@ def agent_data_dir(dirs: Dirs, agent: str, kind: str) -> Path:
     return dirs.state / "agent-data" / agent / kind
 
 
+def _boot_now() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class RunAuth:
     """Made in the launching process before the fork (errors reach the caller: exit 3 for
     an unknown profile, 77 when not signed in); served by the run's owner."""
@@ -201,10 +205,12 @@ class RunAuth:
         self._threads.append(thread)
 
     def _refresher(self) -> None:
-        """Rewrite each adapter's file before the CLI would refresh by itself."""
+        """Rewrite each adapter's file before the CLI would refresh by itself. Scheduled on
+        the boot clock: a wall clock set back an hour must not leave the file stale for an
+        hour (nor one set forward make it refresh in a loop)."""
         due: dict[int, float] = {}
         while not self._stop.is_set():
-            now = time.time()
+            now = _boot_now()
             for i, adapter in enumerate(self.adapters):
                 if not adapter.lead or due.get(i, 0.0) > now:
                     continue
@@ -217,17 +223,18 @@ class RunAuth:
                     log.warning("run %s: keeping %s's credential fresh: %s", self.grant.run_id,
                                 adapter.profile.name, getattr(err, "message", err))
                     due[i] = now + RETRY_AFTER_ERROR
-            wait = min(due.values(), default=now + 60) - time.time()
+            wait = min(due.values(), default=now + 60) - _boot_now()
             self._stop.wait(max(wait, 1.0))
 
     @staticmethod
     def _next_due(token: AccessToken, lead: float) -> float:
-        """When to rewrite: *lead* before expiry, but never more than half the token's
-        remaining life early (the way the refresh window is capped)."""
+        """When to rewrite, on the boot clock: *lead* before expiry, but never more than half
+        the token's remaining life early (the way the refresh window is capped). The
+        token's expiry is already bounded by the boot clock (Token.effective_expiry)."""
         if token.expires_at is None:
-            return time.time() + 60
+            return _boot_now() + 60
         left = token.expires_at - time.time()
-        return time.time() + max(left - min(lead, left / 2), 1.0)
+        return _boot_now() + max(left - min(lead, left / 2), 1.0)
 
     def detach_copy(self) -> None:
         """In the launching process of a detached run, once the owner has its copies: close
