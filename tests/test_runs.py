@@ -571,3 +571,31 @@ def test_an_owners_death_is_on_record_and_its_cgroup_gone_without_ps_or_gc(corra
     record = json.loads((runs / f"{run_id}.json").read_text())
     assert record["state"] == "lost" and record["ended_by"] == "lost-owner" and record["ended_at"], record
     assert not corral.scopes_of(agent), "no empty scope directories left behind"
+
+
+def test_the_command_line_after_the_agent_is_the_commands_own(corral: CorralCLI) -> None:
+    """As systemd-run and docker run: options end at the command, whatever it looks like."""
+    agent = corral.agent()
+    for argv in (["ls", "-la", "/usr"], ["grep", "--help"], ["sh", "-c", 'echo "$1"', "x", "--timeout=3"],
+                 ["env", "--memory-max", "1G"], ["sh", "-c", "exit 4", "--", "-d"]):
+        bare = subprocess.run(argv, capture_output=True, text=True)
+        got = corral("run", "--isolation", "none", agent, *argv)
+        assert (got.returncode, got.stdout) == (bare.returncode, bare.stdout), (argv, got.stderr)
+    # corral's own options: before the agent, or between it and a `--`
+    assert corral("run", "--timeout", "1s", agent, "sleep", "5").returncode == 124
+    assert corral("run", agent, "--timeout", "1s", "--", "sleep", "5").returncode == 124
+    bogus = corral("run", agent, "--no-such-option", "--", "true")
+    assert bogus.returncode == 2 and "No such option" in bogus.stderr
+    missing = corral("run")
+    assert missing.returncode == 2 and "Usage: corral run [OPTIONS] AGENT [--] COMMAND" in missing.stderr
+
+
+def test_an_agent_that_is_not_configured_is_named_in_one_line(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    corral("agents", "add", agent, check=True)
+    typo = agent[:-1] + ("x" if agent[-1] != "x" else "y")
+    proc = corral("run", typo, "true")
+    assert proc.returncode == 0
+    notes = [line for line in proc.stderr.splitlines() if "not a configured agent" in line]
+    assert len(notes) == 1 and f"did you mean {agent!r}" in notes[0], proc.stderr
+    assert "not a configured agent" not in corral("run", agent, "true").stderr

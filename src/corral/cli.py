@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from .cli_params import DURATION_OR_ZERO
+from .cli_params import DURATION_OR_ZERO, CommandLineCommand
 from .errors import CorralError, NotFound, UsageError
 from .units import parse_env_pairs
 
@@ -71,7 +71,7 @@ def _settle_lost_runs() -> None:
 
 
 
-@cli.command()
+@cli.command(cls=CommandLineCommand)
 @click.argument("agent")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--detach", "-d", is_flag=True, help="Print the run id and return; output goes to the run's log.")
@@ -103,10 +103,22 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
         auth: tuple[str, ...], cwd: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
         memory_high: str | None, cpu_quota: str | None, tasks_max: str | None, isolation: str | None,
         network: str | None, user: str | None) -> None:
-    """Run COMMAND for AGENT in its own cgroup: corral run AGENT [OPTIONS] -- CMD [ARG...]
+    """Run COMMAND for AGENT in its own cgroup (a systemd scope where systemd runs).
 
-    A configured agent (corral agents add) gives the workspace, env, limits, auth and
-    default command; flags override them. Any valid name may also be used ad hoc."""
+    corral's options come before AGENT, or between AGENT and a `--`; from the command on,
+    everything is the command's own, as with systemd-run and docker run. A configured
+    agent (corral agents add) gives the workspace, env, limits, auth and default command;
+    options override them. Any valid name may also be used ad hoc.
+
+    \b
+    Examples:
+      corral run lane1 make test
+      corral run --timeout 30m --memory-max 2G lane1 codex exec "fix the tests"
+      corral run lane1 --session main -- claude -p "review"
+      corral run -d lane2 npm run build      # detached: prints the run id
+
+    Exit status: the command's own (128+N if it was killed by signal N), 124 on --timeout,
+    126/127 if it cannot be started; corral's own errors as listed in corral --help."""
     from .runconf import resolve_run
     from .names import validate_agent
     from .spec import Limits
@@ -117,6 +129,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
         session=session, lock_timeout=lock_timeout, timeout=timeout, grace=grace, keep_leftovers=keep_leftovers,
         wait_for_slot=not no_wait, isolation=isolation, network=network, user=user,
+        notice=lambda message: click.echo(f"corral: note: {message}", err=True),
     )
     handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach, terminal=not detach,
                           on_wait=lambda w: click.echo(f"corral: waiting: {w}", err=True))

@@ -32,3 +32,51 @@ class Duration(click.ParamType):
 
 DURATION = Duration()
 DURATION_OR_ZERO = Duration(allow_zero=True)
+
+
+class CommandLineCommand(click.Command):
+    """A command shaped ``NAME [OPTIONS] FIRST [--] COMMAND [ARGS...]`` (``corral run``), as
+    systemd-run, docker run and pueue add are: corral's options come before FIRST or, when
+    the word after FIRST is an option of ours, between FIRST and a ``--``; everything from
+    the command on is the command's own, options included (``corral run lane1 ls -la``,
+    ``corral run lane1 grep --help``).
+
+    The line is rewritten as ``[OPTIONS...] -- FIRST COMMAND...`` before click parses it,
+    so click still checks and converts every option of ours."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        first = next(p for p in self.get_params(ctx) if isinstance(p, click.Argument))
+        return [self.options_metavar or "[OPTIONS]", first.human_readable_name.upper(), "[--] COMMAND [ARGS]..."]
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value: dict[str, bool] = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option):
+                for opt in (*param.opts, *param.secondary_opts):
+                    takes_value[opt] = not (param.is_flag or param.count)
+
+        def options_end(tokens: list[str]) -> int:
+            """Index of the first of *tokens* that is not an option (or an option's value):
+            a word, a lone ``-``, or the ``--`` that ends the options. An unknown ``-x`` is
+            kept with the options, for click to reject by name."""
+            i = 0
+            while i < len(tokens):
+                tok = tokens[i]
+                if tok == "--" or tok == "-" or not tok.startswith("-"):
+                    return i
+                i += 2 if takes_value.get(tok.split("=", 1)[0]) and "=" not in tok else 1
+            return i
+
+        i = options_end(args)
+        ours, rest = args[:i], args[i:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        if rest:
+            first, after = rest[0], rest[1:]
+            if after and after[0] not in ("--", "-") and after[0].startswith("-"):
+                j = options_end(after)  # `corral run lane1 --timeout 3 -- make`: ours up to the --
+                ours, after = ours + after[:j], after[j:]
+            if after[:1] == ["--"]:
+                after = after[1:]
+            rest = [first, *after]
+        return super().parse_args(ctx, ours + (["--", *rest] if rest else []))

@@ -110,6 +110,7 @@ class Settings:
 
     budget: Limits = field(default_factory=Limits)
     defaults: Defaults = field(default_factory=Defaults)
+    agent_names: tuple[str, ...] = ()  # the configured agents (to name them when one is not)
 
 
 def _agent_from(doc: Mapping[str, Any], name: str, path: Path) -> AgentConfig | None:
@@ -128,7 +129,9 @@ def _settings_from(doc: Mapping[str, Any], path: Path) -> Settings:
     own = {k: v for k, v in top.items() if k != "defaults"} if isinstance(top, Mapping) else top
     budget = parse_entry(own, LIMIT_KEYS, "corral", path)["limits"]
     defaults = parse_entry(top.get("defaults") or {}, DEFAULT_KEYS, "corral.defaults", path)
-    return Settings(budget=budget, defaults=Defaults(**defaults))
+    agents = doc.get("agents")
+    names = tuple(str(k) for k in agents) if isinstance(agents, Mapping) else ()
+    return Settings(budget=budget, defaults=Defaults(**defaults), agent_names=names)
 
 
 # --- the API ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ does not import tomlkit and filelock at all.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import UsageError
 from .names import validate_agent
@@ -32,19 +32,24 @@ def _isolation_fields(conf: Any, asked: Mapping[str, str | None]) -> dict[str, A
 def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | None = None,
                 env: Mapping[str, str] | None = None, limits: Limits | None = None,
                 auth: Sequence[str] | str | None = None, isolation: str | None = None, network: str | None = None,
-                user: str | None = None, **spec_fields: Any) -> RunSpec:
+                user: str | None = None, notice: Callable[[str], None] | None = None,
+                **spec_fields: Any) -> RunSpec:
     """What ``corral run AGENT`` runs: the agent's config (if it has an entry; any valid
     name may be used ad hoc), then ``[corral.defaults]``, then the caller's flags on top.
 
-    *auth*: profiles to grant instead of the agent's ``auth``."""
+    *auth*: profiles to grant instead of the agent's ``auth``. *notice* hears, in one line,
+    that AGENT is not one of the configured agents (a typo, or a command word taken for
+    the agent), when there are configured agents at all."""
     validate_agent(agent)
     asked_auth = ((auth,) if isinstance(auth, str) else tuple(auth)) if auth else ()
     conf = defaults = None
+    settings_names: tuple[str, ...] = ()
     if (dirs.config / "config.toml").exists():  # no file: an ad hoc agent, and no tomlkit to load
         from .config import load_run_config
 
         conf, settings = load_run_config(dirs, agent)
         defaults = settings.defaults  # isolation defaults hold for ad hoc agents too
+        settings_names = settings.agent_names
         budget = settings.budget
         if budget.requested():
             spec_fields["budget"] = budget
@@ -52,6 +57,13 @@ def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | 
     asked = {"level": isolation, "network": network, "user": user}
     spec_fields["isolation"] = Isolation(**_isolation_fields(conf if conf is not None else defaults, asked))
     if conf is None:
+        if notice is not None and settings_names:
+            import difflib
+
+            close = difflib.get_close_matches(agent, settings_names, n=1)
+            notice(f"{agent!r} is not a configured agent; running it ad hoc"
+                   + (f" (did you mean {close[0]!r}?)" if close else
+                      f" (configured: {', '.join(settings_names[:6])}{', ...' if len(settings_names) > 6 else ''})"))
         if not argv:
             raise UsageError(f"no command given, and {agent!r} is not a configured agent with a default command",
                              hint="put the command after --, e.g. corral run lane1 -- make test")
