@@ -49,3 +49,32 @@ def test_detached_run_usage_and_kill(lib: Corral) -> None:
 def test_unknown_run_raises_lookup_error(lib: Corral) -> None:
     with pytest.raises(LookupError):
         lib.get("deadbeef")
+
+
+def test_wait_timeout_is_honoured_for_a_run_this_process_owns(lib: Corral) -> None:
+    import time
+
+    run = lib.run(RunSpec(agent="libtest", argv=("sleep", "5")))
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        run.wait(timeout="1s")
+    assert time.monotonic() - t0 < 4, "returned when the run ended, not at the timeout"
+    assert run.cgroup.exists(), "a wait that times out leaves the run alone"
+    run.kill()
+    assert run.wait().state == "killed"
+
+
+def test_a_run_is_a_context_manager_that_ends_it(lib: Corral) -> None:
+    with lib.run(RunSpec(agent="libtest", argv=("sleep", "30"), grace=1)) as run:
+        assert run.cgroup.exists()
+    assert run.record.ended and not run.cgroup.exists()
+
+
+def test_library_errors_are_the_matching_builtins(lib: Corral) -> None:
+    with pytest.raises(TypeError, match="not the string"):
+        RunSpec(agent="libtest", argv="echo hi")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError) as err:
+        lib.run(RunSpec(agent="libtest", argv=("corral-no-such-program",)))
+    assert getattr(err.value, "exit_code", None) == 127
+    spec = RunSpec(agent="libtest", argv=[Path("/bin/true")], timeout="1h30m")  # type: ignore[list-item]
+    assert spec.argv == ("/bin/true",) and spec.timeout == 5400

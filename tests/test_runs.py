@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -599,3 +600,53 @@ def test_an_agent_that_is_not_configured_is_named_in_one_line(corral: CorralCLI)
     notes = [line for line in proc.stderr.splitlines() if "not a configured agent" in line]
     assert len(notes) == 1 and f"did you mean {agent!r}" in notes[0], proc.stderr
     assert "not a configured agent" not in corral("run", agent, "true").stderr
+
+
+def test_several_targets_ps_filters_and_quiet_ids(corral: CorralCLI) -> None:
+    a, b = corral.agent(), corral.agent()
+    ra, rb = corral.detach(a, "sleep", "60"), corral.detach(b, "sleep", "60")
+    assert corral("ps", a, "-q", check=True).stdout.split() == [ra]
+    assert sorted(corral("ps", a, b, "-q", check=True).stdout.split()) == sorted([ra, rb])
+    assert [r["id"] for r in corral.json("show", "--json", ra, rb)] == [ra, rb]
+    assert corral("pause", ra, rb[:6], check=True).stdout.split(": paused\n")
+    assert corral("resume", ra, rb, check=True).returncode == 0
+    waiting = corral.popen("wait", "--timeout", "1m", ra, rb)
+    killed = corral("kill", ra, rb, check=True)
+    assert killed.stdout.count("killed, 0 processes left") == 2, killed.stdout
+    assert waiting.wait(30) == 137
+    stop = corral("stop", "--grace", "30s", ra)
+    assert stop.returncode == 0 and "already ended" in stop.stdout
+    line = [ln for ln in corral("ps", "-a", a, check=True).stdout.splitlines() if ra in ln][0]
+    assert "sleep 60" in line and "ago" in line
+
+
+def test_bash_completion_offers_live_run_ids(corral: CorralCLI) -> None:
+    agent = corral.agent()
+    rid = corral.detach(agent, "sleep", "60")
+    script = corral("completion", "bash", check=True).stdout
+    assert "_CORRAL_COMPLETE" in script
+    corral_bin = str(Path(sys.executable).parent / "corral")
+    probe = (f'{script}\n'
+             f'COMP_WORDS=(corral show ""); COMP_CWORD=2; _corral_completion corral "" show; printf "%s\\n" "${{COMPREPLY[@]}}"')
+    out = subprocess.run(["bash", "-c", probe], env={**corral.env, "PATH": f"{Path(corral_bin).parent}:/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30)
+    assert rid in out.stdout.split(), (out.stdout, out.stderr)
+    corral("kill", rid, check=True)
+
+
+def test_a_limit_this_machine_does_not_enforce_is_a_warning_or_with_strict_limits_a_refusal(
+        corral: CorralCLI, tmp_path: Path) -> None:
+    agent = corral.agent()
+    proc = corral("run", "--memory-max", "300M", agent, "true")
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = [r for r in corral.json("ps", "--all", "--json") if r["agent"] == agent]
+    enforced = corral.show(rec["id"])["limits"]["effective"]["memory_max"]["enforced"]
+    warned = [ln for ln in proc.stderr.splitlines() if "warning: --memory-max 300.0M" in ln]
+    assert len(warned) == (0 if enforced else 1), proc.stderr
+    marker = tmp_path / "ran"
+    strict = corral("run", "--strict-limits", "--memory-max", "300M", agent, "sh", "-c", f"touch {marker}")
+    if enforced:
+        assert strict.returncode == 0 and marker.exists()
+    else:
+        assert strict.returncode == 1 and "--strict-limits" in strict.stderr and not marker.exists(), strict.stderr
+        assert not corral.scopes_of(agent)

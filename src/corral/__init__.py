@@ -19,7 +19,8 @@ _WHERE = {
     "HolderInfo": "sessions", "Lease": "sessions", "SessionInfo": "sessions", "Waiting": "sessions",
     "list_sessions": "sessions",
     **{name: "errors" for name in (
-        "AgentNotFound", "AuthBusy", "AuthError", "BackendError", "Busy", "ConfigError", "CorralError", "InvalidName",
+        "AgentNotFound", "ArgumentTypeError", "AuthBusy", "AuthError", "BackendError", "Busy", "CommandNotExecutable",
+        "CommandNotFound", "ConfigError", "CorralError", "InvalidName",
         "IsolationUnavailable", "NoBackend", "NotFound", "PermissionDenied", "ProfileNotFound", "RunNotFound", "SessionBusy", "SignInAgain",
         "SpawnError", "TeardownIncomplete", "UsageError")},
 }
@@ -40,16 +41,65 @@ def __dir__() -> list[str]:
     return __all__
 
 
-if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from .config import AgentConfig, ConfigStore, Settings
-    from .configfile import ConfigBusy, ConfigParseError
-    from .core import Corral, Run, RunView
-    from .errors import (AgentNotFound, AuthBusy, AuthError, BackendError, Busy, ConfigError, CorralError,
-                         InvalidName, IsolationUnavailable, NoBackend, NotFound, PermissionDenied, ProfileNotFound, RunNotFound,
-                         SessionBusy, SignInAgain, SpawnError, TeardownIncomplete, UsageError)
-    from .isolation import Isolation
-    from .paths import Dirs
-    from .records import RunRecord
-    from .sessions import HolderInfo, Lease, SessionInfo, Waiting, list_sessions
-    from .spec import Limits, RunSpec
-    from .supervise import Outcome
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly (`X as X`: re-exported)
+    from .config import (
+        AgentConfig as AgentConfig,
+        ConfigStore as ConfigStore,
+        Settings as Settings,
+    )
+    from .configfile import (
+        ConfigBusy as ConfigBusy,
+        ConfigParseError as ConfigParseError,
+    )
+    from .core import (
+        Corral as Corral,
+        Run as Run,
+        RunView as RunView,
+    )
+    from .errors import (
+        AgentNotFound as AgentNotFound,
+        ArgumentTypeError as ArgumentTypeError,
+        AuthBusy as AuthBusy,
+        AuthError as AuthError,
+        BackendError as BackendError,
+        Busy as Busy,
+        CommandNotExecutable as CommandNotExecutable,
+        CommandNotFound as CommandNotFound,
+        ConfigError as ConfigError,
+        CorralError as CorralError,
+        InvalidName as InvalidName,
+        IsolationUnavailable as IsolationUnavailable,
+        NoBackend as NoBackend,
+        NotFound as NotFound,
+        PermissionDenied as PermissionDenied,
+        ProfileNotFound as ProfileNotFound,
+        RunNotFound as RunNotFound,
+        SessionBusy as SessionBusy,
+        SignInAgain as SignInAgain,
+        SpawnError as SpawnError,
+        TeardownIncomplete as TeardownIncomplete,
+        UsageError as UsageError,
+    )
+    from .isolation import (
+        Isolation as Isolation,
+    )
+    from .paths import (
+        Dirs as Dirs,
+    )
+    from .records import (
+        RunRecord as RunRecord,
+    )
+    from .sessions import (
+        HolderInfo as HolderInfo,
+        Lease as Lease,
+        SessionInfo as SessionInfo,
+        Waiting as Waiting,
+        list_sessions as list_sessions,
+    )
+    from .spec import (
+        Limits as Limits,
+        RunSpec as RunSpec,
+    )
+    from .supervise import (
+        Outcome as Outcome,
+    )

@@ -5,14 +5,14 @@ Exit codes come from the error tree (``CorralError.exit_code``), mapped in ``mai
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, Callable
 
 import click
 
-from .cli_params import DURATION_OR_ZERO, CommandLineCommand
-from .errors import CorralError, NotFound, UsageError
+from .cli_output import ago, command_line, echo_json, local_time, table
+from .cli_params import DURATION_OR_ZERO, CommandLineCommand, complete_agents, complete_runs, complete_signals
+from .errors import CorralError, UsageError
 from .units import parse_env_pairs
 
 
@@ -31,16 +31,6 @@ class Ctx:
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,7 +62,7 @@ def _settle_lost_runs() -> None:
 
 
 @cli.command(cls=CommandLineCommand)
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agents)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--detach", "-d", is_flag=True, help="Print the run id and return; output goes to the run's log.")
 @click.option("--session", metavar="KEY", help="Hold the exclusive lease on (AGENT, KEY) for the whole run.")
@@ -97,12 +87,14 @@ def _settle_lost_runs() -> None:
 @click.option("--network", type=click.Choice(["host", "loopback", "none"]), default=None,
               help="host (default), loopback (own network namespace with lo only), or none.")
 @click.option("--user", metavar="NAME", help="As root: run as NAME (default: the workspace's owner).")
+@click.option("--strict-limits", is_flag=True,
+              help="Refuse to start (exit 1) if a requested limit would not be enforced here, instead of a warning.")
 @pass_ctx
 def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str | None,
         lock_timeout: float | None, timeout: str | None, grace: float, keep_leftovers: bool, no_wait: bool,
         auth: tuple[str, ...], cwd: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
         memory_high: str | None, cpu_quota: str | None, tasks_max: str | None, isolation: str | None,
-        network: str | None, user: str | None) -> None:
+        network: str | None, user: str | None, strict_limits: bool) -> None:
     """Run COMMAND for AGENT in its own cgroup (a systemd scope where systemd runs).
 
     corral's options come before AGENT, or between AGENT and a `--`; from the command on,
@@ -128,11 +120,15 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
         c.corral.dirs, agent, argv=command, cwd=cwd, env=parse_env_pairs(env_pairs), auth=auth,
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
         session=session, lock_timeout=lock_timeout, timeout=timeout, grace=grace, keep_leftovers=keep_leftovers,
-        wait_for_slot=not no_wait, isolation=isolation, network=network, user=user,
+        wait_for_slot=not no_wait, isolation=isolation, network=network, user=user, strict_limits=strict_limits,
         notice=lambda message: click.echo(f"corral: note: {message}", err=True),
     )
     handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach, terminal=not detach,
                           on_wait=lambda w: click.echo(f"corral: waiting: {w}", err=True))
+    from .launch import unenforced_limits
+
+    for problem in unenforced_limits((handle.record.limits or {}).get("effective") or {}):
+        click.echo(f"corral: warning: {problem}", err=True)
     if detach:
         click.echo(handle.id)
         return
@@ -149,27 +145,41 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
 # --- listing ------------------------------------------------------------------------------
 
 
-def _oneline(argv: list[str]) -> str:
-    """argv as one line: newlines and runs of blanks in scripts would break a table."""
-    return " ".join(" ".join(argv).split())
-
-
 def _fmt_cpu(usec: int | None) -> str:
     return "-" if usec is None else f"{usec / 1e6:.1f}s"
 
 
 @cli.command()
+@click.argument("agents", nargs=-1, metavar="[AGENT]...", shell_complete=complete_agents)
 @click.option("--all", "-a", "all_", is_flag=True, help="Include ended runs.")
 @click.option("--all-users", is_flag=True, help="Also the live runs of other state dirs (other users, checkouts).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--quiet", "-q", is_flag=True, help="Print run ids only, one a line.")
+@click.option("--no-trunc", is_flag=True, help="Do not cut commands to the terminal's width.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (times in UTC, ISO 8601).")
 @pass_ctx
-def ps(c: Ctx, all_: bool, all_users: bool, as_json: bool) -> None:
-    """List runs (this state dir's; --all-users for everyone's)."""
+def ps(c: Ctx, agents: tuple[str, ...], all_: bool, all_users: bool, quiet: bool, no_trunc: bool,
+       as_json: bool) -> None:
+    """List runs (this state dir's; --all-users for everyone's), of AGENTs if given.
+
+    \b
+    Examples:
+      corral ps                 # live runs
+      corral ps -a lane1 lane2  # every run of two agents, ended ones too
+      corral kill $(corral ps -q lane1)"""
+    from .names import validate_agent
     from .units import format_bytes
 
+    for name in agents:
+        validate_agent(name)
     views = c.corral.ps(all=all_, all_users=all_users)
+    if agents:
+        views = [v for v in views if v.record.agent in agents]
     if as_json:
-        _echo_json([v.to_json() for v in views])
+        echo_json([v.to_json() for v in views])
+        return
+    if quiet:
+        for v in views:
+            click.echo(v.record.id)
         return
     rows = []
     for v in views:
@@ -180,19 +190,30 @@ def ps(c: Ctx, all_: bool, all_users: bool, as_json: bool) -> None:
         elif r.signal:
             status += f"(sig {r.signal})"
         rows.append([r.id, r.agent, status, str(v.pids if v.pids is not None else "-"),
-                     format_bytes(v.memory_bytes), _fmt_cpu(v.cpu_usec), (r.started_at or "-")[:19],
-                     _oneline(r.argv)[:60]])
-    _table(rows, ["ID", "AGENT", "STATE", "PIDS", "MEM", "CPU", "STARTED", "COMMAND"])
+                     format_bytes(v.memory_bytes), _fmt_cpu(v.cpu_usec), ago(r.started_at),
+                     command_line(r.argv)])
+    table(rows, ["ID", "AGENT", "STATE", "PIDS", "MEM", "CPU", "STARTED", "COMMAND"], no_trunc=no_trunc)
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN")
-@click.option("--json", "as_json", is_flag=True)
+@click.argument("run_refs", metavar="RUN...", nargs=-1, required=True, shell_complete=complete_runs)
+@click.option("--utc", is_flag=True, help="Times in UTC (default: local time, with its zone).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: an object for one RUN, an array for several (times in UTC, ISO 8601).")
 @pass_ctx
-def show(c: Ctx, run_ref: str, as_json: bool) -> None:
-    """Show one run: record, cgroup, processes, limits."""
-    from .units import format_bytes
+def show(c: Ctx, run_refs: tuple[str, ...], utc: bool, as_json: bool) -> None:
+    """Show runs: record, cgroup, processes, limits, isolation (RUN: an id or unique prefix)."""
+    found = [_show_data(c, ref) for ref in run_refs]
+    if as_json:
+        echo_json(found[0] if len(found) == 1 else found)
+        return
+    for i, data in enumerate(found):
+        if i:
+            click.echo()
+        _print_show(data, utc=utc)
 
+
+def _show_data(c: Ctx, run_ref: str) -> dict[str, Any]:
     view = c.corral.view(run_ref)
     data = view.to_json()
     data["cgroup"] = view.record.cgroup
@@ -201,34 +222,55 @@ def show(c: Ctx, run_ref: str, as_json: bool) -> None:
     data["limits"] = view.record.limits
     data["log"] = view.record.log
     data["inspect"] = _inspect_hints(view.record)
-    if as_json:
-        _echo_json(data)
-        return
-    for key in ("id", "agent", "state", "unit", "backend", "cgroup", "main_pid", "pids", "started_at", "ended_at",
-                "exit_code", "signal", "ended_by", "leftovers_killed", "session", "cwd", "log"):
+    return data
+
+
+def _print_show(data: dict[str, Any], *, utc: bool) -> None:
+    from .units import format_bytes
+
+    def line(key: str, value: Any) -> None:
+        click.echo(f"{key + ':':18}{value}")
+
+    for key in ("id", "agent", "state", "unit", "backend", "cgroup", "main_pid", "pids"):
         if data.get(key) is not None:
-            click.echo(f"{key + ':':18}{data[key]}")
-    click.echo(f"{'argv:':18}{_oneline(data['argv'])}")
-    click.echo(f"{'memory:':18}{format_bytes(data['memory_bytes'])} ({data.get('memory_source') or '-'})")
-    click.echo(f"{'cpu:':18}{_fmt_cpu(data['cpu_usec'])}")
+            line(key, data[key])
+    for key in ("started_at", "ended_at"):
+        if data.get(key):
+            line(key, f"{local_time(data[key], utc=utc)} ({ago(data[key])})")
+    for key in ("exit_code", "signal", "ended_by", "leftovers_killed", "session", "cwd", "log"):
+        if data.get(key) is not None:
+            line(key, data[key])
+    line("command", command_line(data["argv"]))
+    line("memory", f"{format_bytes(data['memory_bytes'])} ({data.get('memory_source') or '-'})")
+    line("cpu", _fmt_cpu(data["cpu_usec"]))
     effective = (data["limits"] or {}).get("effective") or {}
     for key, entry in effective.items():
         note = "" if entry.get("enforced") else f"  ({entry.get('note') or 'not enforced here'})"
-        click.echo(f"{'limit ' + key + ':':18}requested {entry.get('requested')}, effective {entry.get('effective')}{note}")
+        line(f"limit {key}", f"requested {_limit_text(key, entry.get('requested'))}, "
+                             f"effective {_limit_text(key, entry.get('effective'))}{note}")
     if data["processes"]:
         click.echo("processes:")
         for p in data["processes"]:
-            click.echo(f"  {p['pid']:>7} {p['ppid'] or '-':>7} {p['role']:6} {_oneline(p['argv'])[:100]}")
-    iso = view.record.isolation
+            click.echo(f"  {p['pid']:>7} {p['ppid'] or '-':>7} {p['role']:6} {command_line(p['argv'])[:100]}")
+    iso = data.get("isolation")
     if iso:
         who = f"uid {iso.get('uid')}" + (f" ({iso['user']})" if iso.get("user") else "")
         if iso.get("root"):
             who += f": {iso['root']}"
-        click.echo(f"{'isolation:':18}{iso.get('level')}, network {iso.get('network')}, {who}")
+        line("isolation", f"{iso.get('level')}, network {iso.get('network')}, {who}")
         for layer in iso.get("layers") or []:
             click.echo(f"{'':18}- {layer}")
-    for line in data["inspect"]:
-        click.echo(f"inspect:          {line}")
+    for hint in data["inspect"]:
+        line("inspect", hint)
+
+
+def _limit_text(key: str, value: Any) -> str:
+    """Memory limits in K/M/G (the record keeps bytes, as the kernel does)."""
+    from .units import format_bytes
+
+    if key.startswith("memory") and isinstance(value, int) and not isinstance(value, bool):
+        return format_bytes(value)
+    return "-" if value is None else str(value)
 
 
 def _inspect_hints(record: Any) -> list[str]:
@@ -276,7 +318,7 @@ def _report_end(c: Ctx, records: list[Any], verb: str, survivors_of: dict[str, l
 def _targeting(f: Callable[..., Any]) -> Callable[..., Any]:
     """TARGET and the options that pick runs, shared by stop and kill."""
     for option in reversed([
-        click.argument("target", required=False),
+        click.argument("targets", nargs=-1, metavar="[TARGET]...", shell_complete=complete_runs),
         click.option("--agent", "agent", metavar="NAME", help="The live runs of agent NAME."),
         click.option("--id", "run_id", metavar="RUN", help="The run RUN (an id or unique prefix)."),
         click.option("--all", "all_", is_flag=True, help="Every live run of this state dir."),
@@ -286,13 +328,20 @@ def _targeting(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _targets(c: Ctx, target: str | None, agent: str | None, run_id: str | None, all_: bool,
+def _targets(c: Ctx, targets: tuple[str, ...], agent: str | None, run_id: str | None, all_: bool,
              all_users: bool) -> list[Any]:
-    given = [x for x in (target, agent, run_id) if x is not None]
-    if len(given) > 1:
-        raise UsageError("give one of TARGET, --agent, --id")
+    """The runs named by TARGETs (each a run id/prefix or an agent), --agent, --id or --all,
+    each once, in the order given."""
+    if sum(bool(x) for x in (targets, agent is not None, run_id is not None)) > 1:
+        raise UsageError("give TARGETs, or --agent, or --id")
+    if all_ or all_users or not (targets or agent is not None or run_id is not None):
+        return c.corral.targets(None, all_runs=all_, all_users=all_users)
     kind = "agent" if agent is not None else "id" if run_id is not None else None
-    return c.corral.targets(given[0] if given else None, all_runs=all_, all_users=all_users, kind=kind)
+    picked: dict[str, Any] = {}
+    for name in targets or (agent if agent is not None else run_id,):
+        for record in c.corral.targets(name, kind=kind):
+            picked.setdefault(record.id, record)
+    return list(picked.values())
 
 
 @cli.command()
@@ -300,46 +349,56 @@ def _targets(c: Ctx, target: str | None, agent: str | None, run_id: str | None, 
 @click.option("--grace", type=DURATION_OR_ZERO, default=10.0, show_default=True, metavar="DURATION",
               help="How long to wait after SIGTERM before SIGKILL (e.g. 30s, 2m; 0: at once).")
 @pass_ctx
-def stop(c: Ctx, target: str | None, agent: str | None, run_id: str | None, all_: bool, all_users: bool,
+def stop(c: Ctx, targets: tuple[str, ...], agent: str | None, run_id: str | None, all_: bool, all_users: bool,
          grace: float) -> None:
-    """SIGTERM every process of TARGET (run id, agent, --all); SIGKILL what remains after --grace."""
-    records = _still_live(c, _targets(c, target, agent, run_id, all_, all_users))
+    """SIGTERM every process of each TARGET (run id, agent, --all); SIGKILL what remains after --grace."""
+    records = _still_live(c, _targets(c, targets, agent, run_id, all_, all_users))
     _report_end(c, records, "stopped", {r.id: c.corral.stop_run(r.id, grace) for r in records})
 
 
 @cli.command()
 @_targeting
-@click.option("--signal", "-s", "sig", default="KILL", show_default=True, help="Signal name or number.")
+@click.option("--signal", "-s", "sig", default="KILL", show_default=True, shell_complete=complete_signals,
+              help="Signal name or number.")
 @pass_ctx
-def kill(c: Ctx, target: str | None, agent: str | None, run_id: str | None, all_: bool, all_users: bool,
+def kill(c: Ctx, targets: tuple[str, ...], agent: str | None, run_id: str | None, all_: bool, all_users: bool,
          sig: str) -> None:
-    """Kill every process of TARGET (run id, agent, --all) and verify the cgroup is empty."""
+    """Kill every process of each TARGET (run id, agent, --all) and verify the cgroup is empty."""
     from .units import parse_signal
 
     signum = parse_signal(sig)
-    records = _still_live(c, _targets(c, target, agent, run_id, all_, all_users))
+    records = _still_live(c, _targets(c, targets, agent, run_id, all_, all_users))
     _report_end(c, records, "killed", c.corral.kill_runs(records, signum))
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN")
+@click.argument("run_refs", metavar="RUN...", nargs=-1, required=True, shell_complete=complete_runs)
 @click.option("--timeout", type=DURATION_OR_ZERO, default=None, metavar="DURATION",
-              help="Give up after this long (e.g. 90s, 5m): exit 75.")
+              help="Give up after this long in all (e.g. 90s, 5m): exit 75.")
 @pass_ctx
-def wait(c: Ctx, run_ref: str, timeout: float | None) -> None:
-    """Wait for RUN to end; exit with its status (124 timeout, 128+N signal)."""
+def wait(c: Ctx, run_refs: tuple[str, ...], timeout: float | None) -> None:
+    """Wait for each RUN to end; exit with the status of the first that did not succeed
+    (124 timeout, 128+N signal, 1 lost), else 0."""
+    import time
+
     from .supervise import Outcome
 
-    record = c.corral.wait(run_ref, timeout=timeout)
-    left = f", {record.leftovers_killed} leftover process(es) killed" if record.leftovers_killed else ""
-    click.echo(f"{record.id}: {record.state}{left}", err=True)
-    if record.state == "lost":
-        sys.exit(1)
-    sys.exit(Outcome(record.state, record.ended_by or "", record.exit_code, record.signal, 0).shell_status)
+    records = [c.corral.get(ref).record for ref in run_refs]  # every id checked before any wait
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status = 0
+    for rec in records:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        record = c.corral.wait(rec.id, timeout=left)
+        leftovers = f", {record.leftovers_killed} leftover process(es) killed" if record.leftovers_killed else ""
+        click.echo(f"{record.id}: {record.state}{leftovers}", err=True)
+        code = 1 if record.state == "lost" else \
+            Outcome(record.state, record.ended_by or "", record.exit_code, record.signal, 0).shell_status
+        status = status or code
+    sys.exit(status)
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN")
+@click.argument("run_ref", metavar="RUN", shell_complete=complete_runs)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
 @pass_ctx
 def logs(c: Ctx, run_ref: str, follow: bool) -> None:
@@ -351,21 +410,23 @@ def logs(c: Ctx, run_ref: str, follow: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN")
+@click.argument("run_refs", metavar="RUN...", nargs=-1, required=True, shell_complete=complete_runs)
 @pass_ctx
-def pause(c: Ctx, run_ref: str) -> None:
-    """Freeze every process of RUN (cgroup.freeze)."""
-    c.corral.pause(run_ref)
-    click.echo(f"{run_ref}: paused")
+def pause(c: Ctx, run_refs: tuple[str, ...]) -> None:
+    """Freeze every process of each RUN (cgroup.freeze); corral's own keep running."""
+    for record in [c.corral.get(ref).record for ref in run_refs]:
+        c.corral.pause(record.id)
+        click.echo(f"{record.id}: paused")
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN")
+@click.argument("run_refs", metavar="RUN...", nargs=-1, required=True, shell_complete=complete_runs)
 @pass_ctx
-def resume(c: Ctx, run_ref: str) -> None:
-    """Thaw a paused RUN."""
-    c.corral.resume(run_ref)
-    click.echo(f"{run_ref}: resumed")
+def resume(c: Ctx, run_refs: tuple[str, ...]) -> None:
+    """Thaw each paused RUN."""
+    for record in [c.corral.get(ref).record for ref in run_refs]:
+        c.corral.resume(record.id)
+        click.echo(f"{record.id}: resumed")
 
 
 @cli.command()
@@ -379,7 +440,7 @@ def gc(c: Ctx, as_json: bool, keep: str) -> None:
 
     report = c.corral.gc(retention=parse_duration(keep))
     if as_json:
-        _echo_json(report.to_json())
+        echo_json(report.to_json())
         return
     for r in report.reaped:
         click.echo(f"reaped {r['id']} ({r['agent']}): owner gone, {r['processes_killed']} process(es) killed")
@@ -396,7 +457,7 @@ def doctor(c: Ctx, as_json: bool) -> None:
 
     report = diagnose(c.backend_name)
     if as_json:
-        _echo_json(report)
+        echo_json(report)
     else:
         for b in report["backends"]:
             mark = "usable" if b["usable"] else "not usable"
@@ -412,6 +473,23 @@ def doctor(c: Ctx, as_json: bool) -> None:
             click.echo(f"{k} dir: {v}")
     if not report["chosen"]:
         sys.exit(69)
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL; it completes commands, options, run
+    ids, agent names and signals.
+
+    \b
+    Examples:
+      eval "$(corral completion bash)"                 # in ~/.bashrc
+      corral completion fish > ~/.config/fish/completions/corral.fish"""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the three choices are click's own
+    click.echo(cls(cli, {}, "corral", "_CORRAL_COMPLETE").source())
 
 
 from .cli_sessions import sessions as _sessions

@@ -5,19 +5,16 @@ Errors are raised as CorralError subclasses; ``corral.cli.main`` maps them to ex
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
+from .cli_output import echo_json, table
 from .cli_params import DURATION_OR_ZERO
 from .errors import AgentNotFound
 from .paths import Dirs
 from .units import format_bytes, parse_env_pairs
 
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
 
 
 
@@ -83,13 +80,11 @@ def list_(as_json: bool) -> None:
 
     found = list_agents(open_store(Dirs.from_env()))
     if as_json:
-        _echo_json([a.to_json() for a in found])
+        echo_json([a.to_json() for a in found])
         return
     rows = [[a.name, a.workspace or "-", _limits_text(a), str(a.max_runs or "-"), a.auth or "-"] for a in found]
     header = ["NAME", "WORKSPACE", "LIMITS", "MAX_RUNS", "AUTH"]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    table(rows, header)
 
 
 @agents.command()
@@ -107,7 +102,7 @@ def show(name: str, as_json: bool) -> None:
     data = agent.to_json()
     data["effective"] = {k: v for k, v in effective.to_json().items() if k != "name"}
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     for key, value in data.items():
         if key in ("effective", "env", "worktree") or value is None:

@@ -6,21 +6,17 @@ Errors are raised as CorralError subclasses; ``corral.cli.main`` maps them to ex
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
+from .cli_output import echo_json, table
 from .cli_params import DURATION_OR_ZERO
 from .errors import UsageError
 from .paths import Dirs
 
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
 
 
 @click.group()
@@ -122,7 +118,7 @@ def status(profile: str | None, as_json: bool) -> None:
 
     report = get_status(Dirs.from_env(), profile)
     if as_json:
-        _echo_json(report)
+        echo_json(report)
         return
     broker = report["broker"]
     click.echo(f"broker: {'up (pid ' + str(broker['pid']) + ')' if broker['up'] else 'not running'} "
@@ -130,9 +126,7 @@ def status(profile: str | None, as_json: bool) -> None:
     rows = [[p["profile"], p["state"], p.get("expires_at") or "-", _left(p.get("expires_in")),
              p.get("last_refresh") or "-", str(p.get("refresh_count", 0)), p["env_var"]] for p in report["profiles"]]
     header = ["PROFILE", "STATE", "EXPIRES", "LEFT", "LAST REFRESH", "REFRESHES", "ENV VAR"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    table(rows, header)
     for p in report["profiles"]:
         if p.get("problem"):
             click.echo(f"{p['profile']}: {p['problem']}", err=True)

@@ -3,6 +3,7 @@ functions the library uses (units.py), so the CLI and the API accept the same in
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -32,6 +33,49 @@ class Duration(click.ParamType):
 
 DURATION = Duration()
 DURATION_OR_ZERO = Duration(allow_zero=True)
+
+
+def complete_runs(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Run ids of this state dir (newest first) and, where agents fit, agent names: what
+    `corral show <TAB>` and `corral kill <TAB>` offer. Reads directory listings only."""
+    from click.shell_completion import CompletionItem
+
+    from .paths import Dirs
+
+    dirs = Dirs.from_env()
+    try:
+        entries = sorted(os.scandir(dirs.runs), key=lambda e: e.stat().st_mtime, reverse=True)
+    except OSError:
+        entries = []
+    ids = [e.name[:-5] for e in entries if e.name.endswith(".json") and not e.name.startswith(".")]
+    out = [CompletionItem(i, help="run") for i in ids if i.startswith(incomplete)]
+    if param.name in ("targets", "agents"):
+        out += [CompletionItem(a, help="agent") for a in complete_agent_names(incomplete)]
+    return out
+
+
+def complete_agent_names(incomplete: str) -> list[str]:
+    from .paths import Dirs
+
+    try:
+        import tomllib
+
+        with open(Dirs.from_env().config / "config.toml", "rb") as f:
+            agents = tomllib.load(f).get("agents") or {}
+    except (OSError, ValueError):
+        return []
+    return [str(a) for a in agents if str(a).startswith(incomplete)]
+
+
+def complete_agents(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return complete_agent_names(incomplete)
+
+
+SIGNAL_NAMES = ["TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT"]
+
+
+def complete_signals(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return [s for s in SIGNAL_NAMES if s.startswith(incomplete.upper().removeprefix("SIG"))]
 
 
 class CommandLineCommand(click.Command):

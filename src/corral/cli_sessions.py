@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
-import click
 from typing import TYPE_CHECKING
 
+import click
+
+from .cli_output import echo_json, table
 from .paths import Dirs
 
 if TYPE_CHECKING:
@@ -41,10 +41,8 @@ def list_(agent: str | None, as_json: bool) -> None:
 
     found = list_sessions(Dirs.from_env(), agent=agent)
     if as_json:
-        click.echo(json.dumps([s.to_json() for s in found], indent=2))
+        echo_json([s.to_json() for s in found])
         return
     header = ["AGENT", "KEY", "STATE", "HOLDER/LAST RUN", "PID", "SINCE/ENDED", "REASON"]
     rows = [_row(s) for s in found]
-    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-    for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    table(rows, header)

@@ -91,17 +91,40 @@ class Run:
     def __repr__(self) -> str:
         return f"<Run {self.id} agent={self.record.agent} unit={self.record.unit}>"
 
-    def wait(self, timeout: float | None = None, *, handle_signals: bool = False,
+    def wait(self, timeout: float | str | None = None, *, handle_signals: bool = False,
              notify: Callable[[str], None] | None = None) -> RunRecord:
-        """Wait for the run to end; as its owner, also kill leftovers and record the end."""
+        """Wait for the run to end; as its owner, also kill leftovers and record the end.
+        *timeout* (seconds or a duration such as ``"5m"``): raise :class:`corral.Busy` (a
+        TimeoutError) if the run is still going then; the run is not touched."""
+        if timeout is not None:
+            timeout = parse_duration(timeout, allow_zero=True)
         if self._owner is not None and notify is not None:
             self._owner.notify = notify  # e.g. "grace ran out, killing"
         if self._owner is not None:
-            self._owner.wait(handle_signals=handle_signals)
+            until = None if timeout is None else time.monotonic() + timeout
+            if self._owner.wait(handle_signals=handle_signals, until=until) is None:
+                from .errors import Busy
+
+                raise Busy(f"run {self.id} still running after {timeout:g}s")
             self.record = self._owner.record
             return self.record
         self.record = self.corral.wait(self.id, timeout=timeout)
         return self.record
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Leaving a ``with`` block ends an attached run that is still going (SIGTERM, then
+        SIGKILL after its grace) and waits for it; a detached run is left running."""
+        if self.record.detached:
+            return
+        if self._owner is not None and self._owner.outcome is not None:
+            return
+        if not self.record.ended:
+            self.stop()
+        if self._owner is not None:
+            self.wait()
 
     @property
     def outcome(self) -> Outcome | None:

@@ -30,6 +30,10 @@ class UsageError(CorralError, ValueError):
     exit_code = 2
 
 
+class ArgumentTypeError(UsageError, TypeError):
+    """A library argument of the wrong type (``argv="echo hi"``); exit 2 like other usage errors."""
+
+
 class InvalidName(UsageError):
     """A name that cannot become a unit name or a cgroup directory."""
 
@@ -94,6 +98,22 @@ class SpawnError(CorralError, OSError):
         self.errno = errno
         # Shells use 127 for "not found" and 126 for "found but not executable".
         self.exit_code = 127 if errno == _errno.ENOENT else 126
+
+
+class CommandNotFound(SpawnError, FileNotFoundError):
+    """The command does not exist (exit 127): ``except FileNotFoundError`` catches it."""
+
+
+class CommandNotExecutable(SpawnError, PermissionError):
+    """The command exists but cannot be executed (exit 126)."""
+
+
+def spawn_error(message: str, *, errno: int, hint: str | None = None) -> SpawnError:
+    """The SpawnError for *errno*, as the matching built-in: FileNotFoundError for ENOENT,
+    PermissionError for EACCES/EPERM."""
+    cls = CommandNotFound if errno == _errno.ENOENT else \
+        CommandNotExecutable if errno in (_errno.EACCES, _errno.EPERM) else SpawnError
+    return cls(message, errno=errno, hint=hint)
 
 
 class TeardownIncomplete(CorralError, RuntimeError):

@@ -27,7 +27,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .errors import IsolationUnavailable, SpawnError, UsageError
+from .errors import IsolationUnavailable, UsageError, spawn_error
 
 LEVELS = ("none", "standard", "strict")
 NETWORKS = ("host", "loopback", "none")
@@ -384,7 +384,7 @@ def plan(iso: Isolation, *, agent: str, argv: Sequence[str], cwd: str, env: Mapp
 
         exists = "/" in argv[0] and os.path.exists(os.path.join(cwd, argv[0]))
         code = errno.EACCES if exists else errno.ENOENT
-        raise SpawnError(f"cannot run {argv[0]!r}: {os.strerror(code)}", errno=code,
+        raise spawn_error(f"cannot run {argv[0]!r}: {os.strerror(code)}", errno=code,
                          hint="check the command name and PATH" if code == errno.ENOENT else None)
     home = None
     if iso.level == "strict":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .cgroup import CgroupDir, join
 from .errors import BackendError, CorralError, UsageError
@@ -139,6 +139,24 @@ def _release_all(leases: list["Lease"]) -> None:
         lease.release()
 
 
+def unenforced_limits(limits: dict[str, Any]) -> list[str]:
+    """One line per requested limit the kernel will not enforce here (from the read-back)."""
+    from .units import format_bytes
+
+    def shown(key: str, value: Any) -> str:
+        return format_bytes(value) if key.startswith("memory") and isinstance(value, int) else str(value)
+
+    return [f"--{key.replace('_', '-')} {shown(key, entry.get('requested'))}: "
+            f"{entry.get('note') or 'not enforced here'}"
+            for key, entry in (limits or {}).items() if not entry.get("enforced")]
+
+
+def _check_strict_limits(spec: RunSpec, limits: dict[str, Any]) -> None:
+    if spec.strict_limits and unenforced_limits(limits):
+        raise BackendError("refusing to start (--strict-limits): " + "; ".join(unenforced_limits(limits)),
+                           hint="drop the limit, or delegate the controller (corral doctor says how)")
+
+
 def _save_start_record(corral: "Corral", record: RunRecord) -> None:
     try:
         corral.store.save(record)
@@ -199,6 +217,7 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
                 description=_describe(spec.agent, spec.argv), limits=spec.limits,
                 timeout=_backstop(spec.timeout), grace=spec.grace,
             )
+            _check_strict_limits(spec, limits)  # the command has not run yet: it waits at its gate
             watchdog.release()
         except BaseException:
             main.abort()
@@ -344,6 +363,7 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: li
                 spec.agent, record.id, [owner_pid], description=_describe(spec.agent, spec.argv),
                 limits=spec.limits, timeout=_backstop(spec.timeout), grace=spec.grace,
             )
+            _check_strict_limits(spec, limits)
         except BaseException:
             os.close(gate_w)  # the owner sees EOF at the gate and exits
             backend.release(spec.agent, record.id, cgroup)
@@ -360,11 +380,11 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: li
         raise BackendError(f"run {record.id} was not started: {reply[5:]}",
                            hint="free space on the state filesystem (corral doctor names it), then try again")
     if not reply.startswith("ok"):
-        from .errors import SpawnError
+        from .errors import spawn_error
 
         errno_text = reply.partition(" ")[2]
         code = int(errno_text) if errno_text.isdigit() else 0
-        raise SpawnError(f"cannot run {spec.argv[0]!r}: {os.strerror(code) if code else reply or 'owner died'}",
+        raise spawn_error(f"cannot run {spec.argv[0]!r}: {os.strerror(code) if code else reply or 'owner died'}",
                          errno=code)
     return corral.store.load(record.id) or record
 

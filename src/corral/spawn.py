@@ -13,7 +13,7 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from .errors import SpawnError
+from .errors import spawn_error
 
 if TYPE_CHECKING:
     from .isolation import Sandbox
@@ -64,20 +64,20 @@ class HeldChild:
             os.waitpid(self.pid, 0)
             code = int(data.split(b":")[0] or 0)
             if data.endswith(b":hide"):
-                raise SpawnError(
+                raise spawn_error(
                     f"cannot hide the auth token store from the run: {os.strerror(code)}",
                     errno=code,
                     hint="this needs a private mount namespace (root, or unprivileged user namespaces: "
                     "sysctl kernel.unprivileged_userns_clone=1)",
                 )
             if data.endswith(b":join"):
-                raise SpawnError(
+                raise spawn_error(
                     f"cannot run {self.argv[0]!r}: its run's cgroup could not be joined ({os.strerror(code)})",
                     errno=code,
                     hint="it was removed while the run started (by hand, or by a corral of another version); "
                     "run it again" if code == 2 else None,
                 )
-            raise SpawnError(
+            raise spawn_error(
                 f"cannot run {self.argv[0]!r}: {os.strerror(code)}",
                 errno=code,
                 hint="check the command name and PATH" if code == 2 else None,

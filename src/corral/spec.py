@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .names import validate_agent
 from .units import MAX_TASKS, parse_duration, parse_percent, parse_positive_int, parse_size
-from .errors import UsageError
+from .errors import ArgumentTypeError, UsageError
 from .isolation import Isolation
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -59,6 +60,7 @@ class RunSpec:
     hidden_paths: tuple[str, ...] = ()  # directories the run must not see (the auth store)
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
     keep_leftovers: bool = False  # let processes main left behind end on their own
+    strict_limits: bool = False  # refuse to start where a requested limit would not be enforced
     isolation: Isolation = field(default_factory=Isolation)  # the boundary around the run
     # Auth profiles granted to the run (auth/runauth.py): each is written in the form its
     # kind's CLI reads, and the run's broker socket serves these and no others.
@@ -68,12 +70,17 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         validate_agent(self.agent)
+        if isinstance(self.argv, (str, bytes)):
+            raise ArgumentTypeError(f"argv must be a list of arguments, not the string {self.argv!r}",
+                                    hint='e.g. RunSpec(agent, argv=["echo", "hi"]), or ["sh", "-c", "..."] for '
+                                    'a shell line')
         if not self.argv:
             raise UsageError("no command given", hint="put the command after --, e.g. corral run lane1 -- make test")
-        if isinstance(self.argv, str):
-            raise UsageError(f"argv must be a list of arguments, not the string {self.argv!r}",
-                             hint='e.g. RunSpec(agent, argv=["echo", "hi"]), or ["sh", "-c", "..."] for a shell line')
-        object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+        if any(isinstance(a, (bytes, bytearray)) for a in self.argv):
+            raise ArgumentTypeError("argv items must be str (or os.PathLike), not bytes",
+                                    hint="decode them with os.fsdecode()")
+        object.__setattr__(self, "argv", tuple(os.fspath(a) if isinstance(a, os.PathLike) else str(a)
+                                                  for a in self.argv))
         auth = (self.auth,) if isinstance(self.auth, str) else tuple(self.auth)
         object.__setattr__(self, "auth", tuple(dict.fromkeys(auth)))  # in order, each once
         object.__setattr__(self, "env_unset", tuple(self.env_unset))

@@ -129,8 +129,10 @@ class Owner:
 
     # ------------------------------------------------------------------------------------
 
-    def wait(self, *, handle_signals: bool = False) -> Outcome:
-        """Block until the run has ended and its cgroup is empty; record and return how."""
+    def wait(self, *, handle_signals: bool = False, until: float | None = None) -> Outcome | None:
+        """Block until the run has ended and its cgroup is empty; record and return how.
+        *until* (time.monotonic): return None then if it has not ended; the run goes on
+        and a later wait picks it up."""
         if self.outcome is not None:
             return self.outcome
         main_fd = os.pidfd_open(self.main_pid)
@@ -169,7 +171,9 @@ class Owner:
         try:
             while status is None:
                 now = time.monotonic()
-                deadlines = [d for d in (timeout_at, grace_at) if d is not None]
+                if until is not None and now >= until:
+                    return None
+                deadlines = [d for d in (timeout_at, grace_at, until) if d is not None]
                 # poll(2) takes at most 2^31-1 ms: wake at least hourly on a long deadline
                 wait_ms = min(max(0.0, min(deadlines) - now), 3600.0) * 1000 if deadlines else None
                 events = dict(poller.poll(wait_ms))

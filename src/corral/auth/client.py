@@ -17,7 +17,6 @@ from ..errors import (AuthBusy, AuthError, ConfigError, CorralError, PermissionD
                       SignInAgain, UsageError)
 from ..paths import Dirs
 from .broker import socket_path
-from .profiles import get_profile
 from .refresh import DEFAULT_HTTP_TIMEOUT, DEFAULT_TIMEOUT, AccessToken, get_token
 
 SOCKET_ENV = "CORRAL_AUTH_SOCKET"
