@@ -226,7 +226,7 @@ def _show_data(c: Ctx, run_ref: str) -> dict[str, Any]:
 
 
 def _print_show(data: dict[str, Any], *, utc: bool) -> None:
-    from .units import format_bytes
+    from .units import format_bytes, format_limit
 
     def line(key: str, value: Any) -> None:
         click.echo(f"{key + ':':18}{value}")
@@ -246,8 +246,8 @@ def _print_show(data: dict[str, Any], *, utc: bool) -> None:
     effective = (data["limits"] or {}).get("effective") or {}
     for key, entry in effective.items():
         note = "" if entry.get("enforced") else f"  ({entry.get('note') or 'not enforced here'})"
-        line(f"limit {key}", f"requested {_limit_text(key, entry.get('requested'))}, "
-                             f"effective {_limit_text(key, entry.get('effective'))}{note}")
+        line(f"limit {key}", f"requested {format_limit(key, entry.get('requested'))}, "
+                             f"effective {format_limit(key, entry.get('effective'))}{note}")
     if data["processes"]:
         click.echo("processes:")
         for p in data["processes"]:
@@ -262,15 +262,6 @@ def _print_show(data: dict[str, Any], *, utc: bool) -> None:
             click.echo(f"{'':18}- {layer}")
     for hint in data["inspect"]:
         line("inspect", hint)
-
-
-def _limit_text(key: str, value: Any) -> str:
-    """Memory limits in K/M/G (the record keeps bytes, as the kernel does)."""
-    from .units import format_bytes
-
-    if key.startswith("memory") and isinstance(value, int) and not isinstance(value, bool):
-        return format_bytes(value)
-    return "-" if value is None else str(value)
 
 
 def _inspect_hints(record: Any) -> list[str]:

@@ -141,12 +141,9 @@ def _release_all(leases: list["Lease"]) -> None:
 
 def unenforced_limits(limits: dict[str, Any]) -> list[str]:
     """One line per requested limit the kernel will not enforce here (from the read-back)."""
-    from .units import format_bytes
+    from .units import format_limit
 
-    def shown(key: str, value: Any) -> str:
-        return format_bytes(value) if key.startswith("memory") and isinstance(value, int) else str(value)
-
-    return [f"--{key.replace('_', '-')} {shown(key, entry.get('requested'))}: "
+    return [f"--{key.replace('_', '-')} {format_limit(key, entry.get('requested'))}: "
             f"{entry.get('note') or 'not enforced here'}"
             for key, entry in (limits or {}).items() if not entry.get("enforced")]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import signal as _signal
+from typing import Any
 
 from .errors import UsageError
 
@@ -113,6 +114,14 @@ def format_bytes(value: int | None) -> str:
             return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
         value /= 1024  # type: ignore[assignment]
     return str(value)
+
+
+def format_limit(key: str, value: Any) -> str:
+    """A limit as a person reads it: memory limits in K/M/G (records keep bytes, as the
+    kernel does), the others as they are."""
+    if key.startswith("memory") and isinstance(value, int) and not isinstance(value, bool):
+        return format_bytes(value)
+    return "-" if value is None else str(value)
 
 
 def parse_env_pairs(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
