@@ -46,6 +46,18 @@ def find_v1_mount(controller: str, mountinfo: Path = MOUNTINFO) -> Path | None:
                  if fstype == "cgroup" and controller in opts), None)
 
 
+def _read_text(path: Path) -> str:
+    """Read a cgroup file. A cgroup removed between open and read gives ENODEV (kernfs
+    "deactivated" node); that is the same fact as a missing file, so it reads as one."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as err:
+        if err.errno == errno.ENODEV:
+            raise FileNotFoundError(errno.ENOENT, "cgroup removed", str(path)) from err
+        raise
+
+
 def own_cgroup(pid: int | str = "self") -> str:
     """The v2 cgroup path of a process (``0::/x/y``), '' if it has none."""
     try:
@@ -113,7 +125,7 @@ class CgroupDir:
         return self.child(SUPERVISOR)
 
     def _read(self, name: str) -> str:
-        return (self.path / name).read_text()
+        return _read_text(self.path / name)
 
     def _write(self, name: str, value: str) -> None:
         target = self.path / name
@@ -145,7 +157,7 @@ class CgroupDir:
         try:
             for dirpath, _dirs, _files in os.walk(self.path):
                 try:
-                    text = Path(dirpath, "cgroup.procs").read_text()
+                    text = _read_text(Path(dirpath, "cgroup.procs"))
                 except FileNotFoundError:
                     continue
                 out.extend(int(p) for p in text.split())
@@ -162,6 +174,10 @@ class CgroupDir:
         except (OSError, ValueError):
             pass
         return None
+
+    def read_words(self, name: str) -> list[str]:
+        """The whitespace-separated words of a file; FileNotFoundError if the cgroup is gone."""
+        return self._read(name).split()
 
     def read_int(self, name: str) -> int | None:
         """An integer file such as ``memory.current``; None if absent; 'max' -> -1."""

@@ -230,9 +230,11 @@ def v2_limit_files(limits: Limits) -> dict[str, str]:
 
 
 def _read_limit(cgroup: CgroupDir, key: str) -> int | float | None:
-    v2 = cgroup.path / _V2_FILES[key]
-    if v2.exists():
-        text = v2.read_text().split()
+    if (cgroup.path / _V2_FILES[key]).exists():
+        try:
+            text = cgroup.read_words(_V2_FILES[key])
+        except OSError:  # the run ended and its cgroup went meanwhile
+            return None
         if key == "cpu_quota":
             return -1 if text[0] == "max" else round(int(text[0]) * 100 / int(text[1]), 2)
         return -1 if text[0] == "max" else int(text[0])
