@@ -23,7 +23,7 @@ NODE_ARCH   := $(if $(filter aarch64,$(shell uname -m)),arm64,x64)
 AGENT_NODE  := node-linux-$(NODE_ARCH)@24.22.3
 AGENT_NODE_BIN := $(CURDIR)/$(AGENT_CLIS)/node/node_modules/node-linux-$(NODE_ARCH)/bin
 
-.PHONY: all deps agent-clis test test-host test-stress-quick test-systemd test-user demo bench stress clean install install-user uninstall uninstall-user wheels
+.PHONY: all deps agent-clis test lint test-host test-stress-quick test-systemd test-user demo bench stress clean install install-user uninstall uninstall-user wheels
 
 all: test
 
@@ -52,7 +52,13 @@ $(AGENT_CLIS)/.installed: Makefile
 
 agent-clis: $(AGENT_CLIS)/.installed
 
-test: deps agent-clis test-host test-stress-quick test-systemd test-user
+test: deps agent-clis lint test-host test-stress-quick test-systemd test-user
+
+# ruff with its default rules and mypy --strict over the package (settings in pyproject.toml).
+lint: deps
+	@echo "== lint: ruff check src, mypy --strict =="
+	$(VENV)/bin/ruff check src
+	$(VENV)/bin/mypy
 
 test-host: deps
 	@echo "== tier 1: cgroupfs backend on this host's cgroup v2 =="

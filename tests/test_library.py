@@ -20,6 +20,10 @@ def lib(backend: str, tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_public_api_is_exported() -> None:
     for name in ("Corral", "RunSpec", "Limits", "Run", "CorralError", "RunNotFound"):
         assert name in corral.__all__
+    # The literal __all__, the lazy-import table and the TYPE_CHECKING imports name the same things.
+    assert set(corral.__all__) == set(corral._WHERE) | {"__version__"}
+    for name in corral.__all__:
+        assert getattr(corral, name) is not None
 
 
 def test_attached_run_wait(lib: Corral, tmp_path: Path) -> None:

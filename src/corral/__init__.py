@@ -25,7 +25,50 @@ _WHERE = {
         "SpawnError", "TeardownIncomplete", "UsageError")},
 }
 
-__all__ = sorted([*_WHERE, "__version__"])
+__all__ = [  # a literal, for static tools; tests/test_library.py checks it against _WHERE
+    "AgentConfig",
+    "AgentNotFound",
+    "ArgumentTypeError",
+    "AuthBusy",
+    "AuthError",
+    "BackendError",
+    "Busy",
+    "CommandNotExecutable",
+    "CommandNotFound",
+    "ConfigBusy",
+    "ConfigError",
+    "ConfigParseError",
+    "ConfigStore",
+    "Corral",
+    "CorralError",
+    "Dirs",
+    "HolderInfo",
+    "InvalidName",
+    "Isolation",
+    "IsolationUnavailable",
+    "Lease",
+    "Limits",
+    "NoBackend",
+    "NotFound",
+    "Outcome",
+    "PermissionDenied",
+    "ProfileNotFound",
+    "Run",
+    "RunNotFound",
+    "RunRecord",
+    "RunSpec",
+    "RunView",
+    "SessionBusy",
+    "SessionInfo",
+    "Settings",
+    "SignInAgain",
+    "SpawnError",
+    "TeardownIncomplete",
+    "UsageError",
+    "Waiting",
+    "__version__",
+    "list_sessions",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -42,20 +85,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly (`X as X`: re-exported)
-    from .config import (
-        AgentConfig as AgentConfig,
-        ConfigStore as ConfigStore,
-        Settings as Settings,
-    )
-    from .configfile import (
-        ConfigBusy as ConfigBusy,
-        ConfigParseError as ConfigParseError,
-    )
-    from .core import (
-        Corral as Corral,
-        Run as Run,
-        RunView as RunView,
-    )
+    from .config import AgentConfig as AgentConfig, ConfigStore as ConfigStore, Settings as Settings
+    from .configfile import ConfigBusy as ConfigBusy, ConfigParseError as ConfigParseError
+    from .core import Corral as Corral, Run as Run, RunView as RunView
     from .errors import (
         AgentNotFound as AgentNotFound,
         ArgumentTypeError as ArgumentTypeError,
@@ -80,15 +112,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly (`X as 
         TeardownIncomplete as TeardownIncomplete,
         UsageError as UsageError,
     )
-    from .isolation import (
-        Isolation as Isolation,
-    )
-    from .paths import (
-        Dirs as Dirs,
-    )
-    from .records import (
-        RunRecord as RunRecord,
-    )
+    from .isolation import Isolation as Isolation
+    from .paths import Dirs as Dirs
+    from .records import RunRecord as RunRecord
     from .sessions import (
         HolderInfo as HolderInfo,
         Lease as Lease,
@@ -96,10 +122,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly (`X as 
         Waiting as Waiting,
         list_sessions as list_sessions,
     )
-    from .spec import (
-        Limits as Limits,
-        RunSpec as RunSpec,
-    )
-    from .supervise import (
-        Outcome as Outcome,
-    )
+    from .spec import Limits as Limits, RunSpec as RunSpec
+    from .supervise import Outcome as Outcome

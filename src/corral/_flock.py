@@ -32,7 +32,8 @@ import fcntl
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, Protocol
 
 _guard = threading.Lock()  # held around open+register and unregister+close, and across fork
 _private: set[int] = set()
@@ -164,3 +165,13 @@ def _flock_in_thread(fd: int, op: int, left: float) -> bool:
     if state.error is not None:
         raise state.error
     return True
+
+
+class HeldLock(Protocol):
+    """What a run holds while it lives (a session lease, a max_runs slot): a flock on an open
+    file description that travels to the run's owner with the fork and dies with it."""
+
+    def fileno(self) -> int: ...
+    def update_holder(self, **fields: Any) -> object: ...
+    def release(self) -> None: ...  # unlock: the run is over
+    def close(self) -> None: ...  # drop this process's fd only: a fork's copy keeps the lock

@@ -17,10 +17,11 @@ a deadline: see ``_flock``), and only then takes ``lease``, which is free by the
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import _flock
 
@@ -51,7 +52,7 @@ class Ticket:
         self.sdir, self.number, self.fd = sdir, number, fd
 
     @classmethod
-    def take(cls, sdir: Path) -> "Ticket":
+    def take(cls, sdir: Path) -> Ticket:
         qfd = _flock.open_private(sdir / "queue", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(qfd, fcntl.LOCK_EX)  # held for the few syscalls below, by ticket takers only
@@ -97,7 +98,7 @@ class Ticket:
                 # Live: wait for it alone (it in turn waits for the one ahead of it).
                 left_ahead = len([m for m in ahead if m not in gone])
                 try:
-                    ok = _flock.flock_until(fd, fcntl.LOCK_SH, deadline, on_block=lambda: on_block(left_ahead))
+                    ok = _flock.flock_until(fd, fcntl.LOCK_SH, deadline, on_block=functools.partial(on_block, left_ahead))
                 finally:
                     _flock.close_private(fd)
                 if not ok:

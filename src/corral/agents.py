@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from . import worktree as _wt
-from .config import AgentConfig, add_agent, get_agent, normalize_changes, open_store, remove_agent
+from .config import (
+    AgentConfig,
+    add_agent,
+    get_agent,
+    normalize_changes,
+    open_store,
+    remove_agent,
+)
 from .errors import NoBackend, NotFound, UsageError
 from .names import validate_agent
 from .paths import Dirs
@@ -115,11 +123,11 @@ def delete_agent(dirs: Dirs, name: str, *, force: bool = False, backend: str | N
         return Removal(name, found=False)
     wt = agent.worktree
     # Refuse before any side effect: a dirty worktree should not cost the agent its runs.
-    if wt is not None and not force and _wt.removable(wt, state_dir=dirs.state) is None:
-        if os.path.isdir(wt.path):
-            dirty = _wt.changes(wt.path)
-            if dirty:
-                raise _wt.WorktreeDirty(wt.path, dirty)
+    if (wt is not None and not force and _wt.removable(wt, state_dir=dirs.state) is None
+            and os.path.isdir(wt.path)):
+        dirty = _wt.changes(wt.path)
+        if dirty:
+            raise _wt.WorktreeDirty(wt.path, dirty)
     stopped = stop_agent_runs(name, dirs=dirs, backend=backend, grace=grace)
     status = _wt.remove(wt, state_dir=dirs.state, force=force) if wt is not None else None
     remove_agent(store, name)

@@ -11,9 +11,9 @@ import errno
 import os
 import select
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .errors import translate_oserror
 
@@ -46,16 +46,28 @@ def find_v1_mount(controller: str, mountinfo: Path = MOUNTINFO) -> Path | None:
                  if fstype == "cgroup" and controller in opts), None)
 
 
-def _read_text(path: Path) -> str:
-    """Read a cgroup file. A cgroup removed between open and read gives ENODEV (kernfs
-    "deactivated" node); that is the same fact as a missing file, so it reads as one."""
+def _open(path: str | os.PathLike[str], flags: int) -> int:
+    """os.open for cgroup files. A cgroup being removed gives ENODEV (a kernfs node that is
+    deactivated) on open or read; that is the same fact as a missing file, so it is one."""
     try:
-        with open(path) as f:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ENODEV:
+            raise FileNotFoundError(errno.ENOENT, "cgroup removed", os.fspath(path)) from err
+        raise
+
+
+def _read_text(path: Path) -> str:
+    fd = _open(path, os.O_RDONLY)
+    try:
+        with os.fdopen(fd, closefd=False) as f:
             return f.read()
     except OSError as err:
         if err.errno == errno.ENODEV:
             raise FileNotFoundError(errno.ENOENT, "cgroup removed", str(path)) from err
         raise
+    finally:
+        os.close(fd)
 
 
 def own_cgroup(pid: int | str = "self") -> str:
@@ -86,9 +98,9 @@ PAYLOAD = "payload"  # the command and everything it starts
 SUPERVISOR = "supervisor"  # corral's own processes for the run (watchdog, detached owner)
 
 
-def join(cgroup: Path) -> None:
+def join(cgroup: str | os.PathLike[str]) -> None:
     """Move the calling process into *cgroup* (write 0 to cgroup.procs). Fork-safe."""
-    fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
+    fd = _open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
     try:
         os.write(fd, b"0")
     finally:
@@ -113,29 +125,36 @@ class CgroupDir:
     def exists(self) -> bool:
         return self.path.is_dir()
 
-    def child(self, name: str) -> "CgroupDir":
+    def child(self, name: str) -> CgroupDir:
         return CgroupDir(self.path / name)
 
     @property
-    def payload(self) -> "CgroupDir":
+    def payload(self) -> CgroupDir:
         return self.child(PAYLOAD)
 
     @property
-    def supervisor(self) -> "CgroupDir":
+    def supervisor(self) -> CgroupDir:
         return self.child(SUPERVISOR)
 
     def _read(self, name: str) -> str:
         return _read_text(self.path / name)
 
-    def _write(self, name: str, value: str) -> None:
+    def _write(self, name: str, value: str, *, missing_ok: bool = False) -> None:
+        """Write a cgroup file; with *missing_ok*, a cgroup that is gone is not an error."""
         target = self.path / name
         try:
-            fd = os.open(target, os.O_WRONLY)
+            fd = _open(target, os.O_WRONLY)
+        except FileNotFoundError as err:
+            if missing_ok:
+                return
+            raise translate_oserror(err, what=f"open {name}", path=str(target)) from err
         except OSError as err:
             raise translate_oserror(err, what=f"open {name}", path=str(target)) from err
         try:
             os.write(fd, value.encode())
         except OSError as err:
+            if missing_ok and err.errno in (errno.ENODEV, errno.ENOENT):
+                return
             raise translate_oserror(err, what=f"write {name}", path=str(target)) from err
         finally:
             os.close(fd)
@@ -203,11 +222,11 @@ class CgroupDir:
     def kill(self) -> None:
         """SIGKILL every process below, atomically with respect to forks (kernel >= 5.14)."""
         try:
-            self._write("cgroup.kill", "1")
-        except Exception as err:
-            if not self.exists():  # already gone: nothing to kill
+            self._write("cgroup.kill", "1", missing_ok=True)  # already gone: nothing to kill
+        except Exception:
+            if not self.exists():
                 return
-            raise err
+            raise
 
     def signal_all(self, sig: int, *, skip: Callable[[list[int]], Iterable[int]] | None = None) -> list[int]:
         """Send *sig* to every process below (but those *skip* picks from the list, e.g. a
@@ -241,12 +260,12 @@ class CgroupDir:
         """Block until ``populated 0`` (or the directory is gone); True if it happened."""
         return self.wait_events(lambda ev: not ev.populated, timeout)
 
-    def wait_events(self, predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    def wait_events(self, predicate: Callable[[Events], bool], timeout: float) -> bool:
         """Wait on ``cgroup.events`` with poll(2): the kernel signals changes as POLLPRI."""
         deadline = time.monotonic() + timeout
         path = self.path / "cgroup.events"
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open(path, os.O_RDONLY)
         except FileNotFoundError:
             return predicate(Events(populated=False, frozen=False))
         try:

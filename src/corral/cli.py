@@ -6,23 +6,33 @@ Exit codes come from the error tree (``CorralError.exit_code``), mapped in ``mai
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .cli_output import ago, command_line, echo_json, local_time, table
-from .cli_params import DURATION_OR_ZERO, CommandLineCommand, complete_agents, complete_runs, complete_signals
+from .cli_params import (
+    DURATION_OR_ZERO,
+    CommandLineCommand,
+    complete_agents,
+    complete_runs,
+    complete_signals,
+)
 from .errors import CorralError, UsageError
 from .units import parse_env_pairs
+
+if TYPE_CHECKING:
+    from .core import Corral
 
 
 class Ctx:
     def __init__(self, backend: str | None) -> None:
         self.backend_name = backend
-        self._corral = None
+        self._corral: Corral | None = None
 
     @property
-    def corral(self):  # type: ignore[no-untyped-def]
+    def corral(self) -> Corral:
         if self._corral is None:
             from .core import Corral
 
@@ -52,7 +62,7 @@ def _settle_lost_runs() -> None:
         from .records import RecordStore
 
         RecordStore(Dirs.from_env().runs).settle_lost()
-    except Exception:  # noqa: BLE001 - housekeeping must never break the command asked for
+    except Exception:  # noqa: BLE001, S110 -- housekeeping must never break the command asked for
         pass
 
 
@@ -111,8 +121,8 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
 
     Exit status: the command's own (128+N if it was killed by signal N), 124 on --timeout,
     126/127 if it cannot be started; corral's own errors as listed in corral --help."""
-    from .runconf import resolve_run
     from .names import validate_agent
+    from .runconf import resolve_run
     from .spec import Limits
 
     validate_agent(agent)
@@ -484,14 +494,17 @@ def completion(shell: str) -> None:
 
 
 from .cli_sessions import sessions as _sessions
+
 cli.add_command(_sessions)
 
 
 from .cli_agents import agents as _agents
+
 cli.add_command(_agents)
 
 
 from .cli_auth import auth as _auth, broker as _broker
+
 cli.add_command(_auth)
 cli.add_command(_broker)
 

@@ -16,9 +16,6 @@ from .paths import Dirs
 from .units import format_bytes, parse_env_pairs
 
 
-
-
-
 def _backend(obj: Any) -> str | None:
     return getattr(obj, "backend_name", None)
 

@@ -18,7 +18,6 @@ from .errors import UsageError
 from .paths import Dirs
 
 
-
 @click.group()
 def auth() -> None:
     """Auth profiles: one credential per provider, refreshed single-flight, never copied into agents."""

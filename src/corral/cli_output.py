@@ -9,8 +9,9 @@ import shlex
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import click
 
@@ -55,10 +56,10 @@ def command_line(argv: Sequence[str]) -> str:
 
 def _parse_iso(stamp: str) -> datetime | None:
     try:
-        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(stamp)
     except (TypeError, ValueError):
         return None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def local_time(stamp: str | None, *, utc: bool = False) -> str:
@@ -67,7 +68,7 @@ def local_time(stamp: str | None, *, utc: bool = False) -> str:
     when = _parse_iso(stamp) if stamp else None
     if when is None:
         return stamp or "-"
-    shown = when.astimezone(timezone.utc) if utc else when.astimezone()
+    shown = when.astimezone(UTC) if utc else when.astimezone()
     return shown.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 

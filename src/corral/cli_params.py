@@ -12,7 +12,7 @@ from .errors import UsageError
 from .units import parse_duration
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in click's stubs of 8.2+
     """``90``, ``90s``, ``30m``, ``1h30m`` -> seconds (finite, at most a year); zero only
     where it means something (a grace of 0 is an immediate SIGKILL, a lock timeout of 0
     means "don't wait")."""

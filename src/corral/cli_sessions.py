@@ -18,7 +18,7 @@ def sessions() -> None:
     """Session leases (corral run --session KEY)."""
 
 
-def _row(s: "SessionInfo") -> list[str]:
+def _row(s: SessionInfo) -> list[str]:
     h = s.holder
     run = pid = when = "-"
     if h is not None:
@@ -37,7 +37,9 @@ def _row(s: "SessionInfo") -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def list_(agent: str | None, as_json: bool) -> None:
     """Every session: held (with its holder run), draining (and why), free (last holder)."""
-    from .sessions import list_sessions  # lazily: corral's other commands do not need it
+    from .sessions import (
+        list_sessions,  # lazily: corral's other commands do not need it
+    )
 
     found = list_sessions(Dirs.from_env(), agent=agent)
     if as_json:

@@ -54,6 +54,7 @@ from .paths import Dirs
 from .spec import Limits
 from .worktree import Worktree
 
+
 @dataclass(frozen=True)
 class AgentConfig:
     """One ``[agents.NAME]`` entry, parsed. ``None`` means "not set here"."""
@@ -73,7 +74,7 @@ class AgentConfig:
     home_ro: tuple[str, ...] | None = None
     worktree: Worktree | None = None
 
-    def with_defaults(self, settings: "Settings") -> "AgentConfig":
+    def with_defaults(self, settings: Settings) -> AgentConfig:
         """What a run of this agent gets: its own values, else ``[corral.defaults]``."""
         d = settings.defaults
         limits = Limits(**{k: getattr(self.limits, k) if getattr(self.limits, k) is not None else getattr(d.limits, k)
@@ -279,12 +280,12 @@ def load_effective_agent(dirs: Dirs, name: str) -> AgentConfig | None:
 
 __all__ = [
     "AGENT_KEYS",
+    "SETTABLE_KEYS",
     "AgentConfig",
     "ConfigBusy",
     "ConfigParseError",
     "ConfigStore",
     "Defaults",
-    "SETTABLE_KEYS",
     "Settings",
     "add_agent",
     "config_path",

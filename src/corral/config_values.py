@@ -206,7 +206,7 @@ def _set(table: MutableMapping[str, Any], key: str, value: Any) -> None:
     try:
         if last is None:
             raise AttributeError
-        table.value._insert_at(last + 1, key, value)  # noqa: SLF001 -- no public API for this
+        table.value._insert_at(last + 1, key, value)
     except (AttributeError, KeyError, TypeError, ValueError):
         table[key] = value
 

@@ -28,8 +28,9 @@ import stat
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import filelock
 import tomlkit
@@ -142,13 +143,14 @@ def parse_toml(text: bytes, path: Path) -> TOMLDocument:
     try:
         return tomlkit.parse(source)
     except (TOMLKitError, ValueError) as err:
-        line, col = getattr(err, "line", None), getattr(err, "col", None)
+        at_line: int | None = getattr(err, "line", None)
+        col: int | None = getattr(err, "col", None)
         reason = re.sub(r"\s*at line \d+ col \d+$", "", str(err)) or type(err).__name__
         col = col + 1 if col is not None else None  # tomlkit counts from 0; editors from 1
         if "'\\x00'" in reason:
             # tomlkit's end-of-input marker, reported at a position that is not the end.
-            reason, line, col = "unexpected end of file", source.count("\n") + 1, len(source.rsplit("\n", 1)[-1]) + 1
-        raise ConfigParseError(path, line, col, reason) from None
+            reason, at_line, col = "unexpected end of file", source.count("\n") + 1, len(source.rsplit("\n", 1)[-1]) + 1
+        raise ConfigParseError(path, at_line, col, reason) from None
 
 
 class ConfigStore:
@@ -416,10 +418,10 @@ def _owner(path: Path) -> int | None:
 
 
 __all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
     "ConfigBusy",
     "ConfigParseError",
     "ConfigStore",
-    "DEFAULT_LOCK_TIMEOUT",
     "parse_toml",
     "resolve_target",
 ]

@@ -13,17 +13,18 @@ from __future__ import annotations
 import os
 import signal as _signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Self
 
 from .backends import Backend, detect
 from .cgroup import CgroupDir
 from .errors import CorralError, NotFound, RunNotFound, UsageError
 from .names import validate_agent
 from .paths import Dirs
-from .records import END_STATES, RecordStore, RunRecord, now_iso
 from .procs import owner_alive
+from .records import END_STATES, RecordStore, RunRecord, now_iso
 from .spec import RunSpec
 from .supervise import Outcome, Owner
 from .units import parse_duration
@@ -75,7 +76,7 @@ class RunView:
 class Run:
     """A handle on one run. Attached runs started by this process can be waited on as owner."""
 
-    def __init__(self, corral: "Corral", record: RunRecord, owner: Owner | None = None) -> None:
+    def __init__(self, corral: Corral, record: RunRecord, owner: Owner | None = None) -> None:
         self.corral = corral
         self.record = record
         self._owner = owner
@@ -111,7 +112,7 @@ class Run:
         self.record = self.corral.wait(self.id, timeout=timeout)
         return self.record
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -167,7 +168,7 @@ class Corral:
         if self._backend is not None:
             self._backend.close()
 
-    def __enter__(self) -> "Corral":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -228,8 +229,8 @@ class Corral:
             argv: list[str] = []
             if pids:
                 try:
-                    argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")[:-1]  # type: ignore[assignment]
-                    argv = [a.decode(errors="replace") for a in argv]  # type: ignore[union-attr]
+                    raw = Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")[:-1]
+                    argv = [a.decode(errors="replace") for a in raw]
                 except OSError:
                     argv = []
             out[scope.run_id] = RunRecord(
@@ -461,7 +462,7 @@ class Corral:
             raise UsageError(f"run {view.record.id} has ended ({view.state})")
         return view.record
 
-    def gc(self, *, retention: float | None = None) -> "GcReport":
+    def gc(self, *, retention: float | None = None) -> GcReport:
         """Tear down runs whose owner is gone, remove empty cgroups, prune old records."""
         from .gc import DEFAULT_RETENTION, collect
 
@@ -489,7 +490,7 @@ class Corral:
         if not record.log:
             raise NotFound(f"run {record.id} has no log: it ran attached, its output went to the terminal")
         try:
-            f = open(record.log, "rb")
+            f = open(record.log, "rb")  # noqa: SIM115 -- opened apart from `with` so that only open() maps to NotFound
         except FileNotFoundError:
             raise NotFound(f"log of run {record.id} is gone ({record.log})") from None
         with f:

@@ -35,7 +35,7 @@ class GcReport:
                 "swept_temps": self.swept_temps}
 
 
-def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
+def _owner_alive(corral: Corral, run_id: str, scope: CgroupDir) -> bool:
     """Is someone still guarding this run? Its recorded owner, if we have a record with
     one. Otherwise (a run of another state dir, or one still starting) corral's processes
     in ``supervisor/``: a running watchdog means an owner holds its pipe (it kills the run
@@ -48,7 +48,8 @@ def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
         return False  # a record we cannot read names no owner we could verify (pid + start time)
     for pid in scope.supervisor.pids():
         try:
-            stat = open(f"/proc/{pid}/stat", "rb").read()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
         except OSError:
             continue
         if stat[stat.rindex(b")") + 2:].split()[0] not in (b"T", b"t", b"Z", b"X"):
@@ -56,7 +57,7 @@ def _owner_alive(corral: "Corral", run_id: str, scope: CgroupDir) -> bool:
     return False
 
 
-def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcReport:
+def collect(corral: Corral, *, retention: float = DEFAULT_RETENTION) -> GcReport:
     report = GcReport()
     backend = corral.backend
     for scope in backend.live_scopes():
@@ -106,7 +107,7 @@ def collect(corral: "Corral", *, retention: float = DEFAULT_RETENTION) -> GcRepo
         if not record.ended or not record.ended_at:
             continue
         try:
-            ended = datetime.fromisoformat(record.ended_at.replace("Z", "+00:00")).timestamp()
+            ended = datetime.fromisoformat(record.ended_at).timestamp()
         except ValueError:
             continue
         if ended < cutoff:

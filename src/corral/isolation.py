@@ -24,8 +24,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import IsolationUnavailable, UsageError, spawn_error
 
@@ -197,8 +198,8 @@ class Sandbox:
         if not self.active:
             return ["containment only: the run shares the caller's namespaces, environment and identity"]
         out = ["pid namespace: sees only its own processes",
-               "mount namespace: corral's config, state and runtime dirs hidden; cgroup fs read-only; "
-               "bus sockets unreachable",
+               ("mount namespace: corral's config, state and runtime dirs hidden; cgroup fs read-only; "
+                "bus sockets unreachable"),
                "new session on its own pty, relayed by corral" if terminal
                else "new session, no controlling terminal of the caller's",
                "no_new_privs, no capabilities",
@@ -411,7 +412,8 @@ def probe() -> dict[str, Any]:
         return out
     try:
         proc = subprocess.run([bwrap, "--bind", "/", "/", "--unshare-pid", "--unshare-cgroup-try", "--proc", "/proc",
-                               "--dev", "/dev", "--unshare-net", "--", "/bin/true"], capture_output=True, timeout=10)
+                               "--dev", "/dev", "--unshare-net", "--", "/bin/true"], capture_output=True, timeout=10,
+                              check=False)
         ok, why = proc.returncode == 0, proc.stderr.decode(errors="replace").strip()
     except (OSError, subprocess.SubprocessError) as err:
         ok, why = False, str(err)

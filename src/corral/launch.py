@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .cgroup import CgroupDir, join
 from .errors import BackendError, CorralError, UsageError
@@ -19,14 +20,21 @@ from .procs import process_start
 from .records import RunRecord, now_iso
 from .spawn import fork_held, reset_signals_in_child
 from .spec import RunSpec
-from .supervise import (Owner, block_forwarded_signals, set_child_subreaper, unblock_forwarded_signals,
-                        watchdog_argv)
+from .supervise import (
+    Owner,
+    block_forwarded_signals,
+    set_child_subreaper,
+    unblock_forwarded_signals,
+    watchdog_argv,
+)
 
 if TYPE_CHECKING:
+    from ._flock import HeldLock
     from .auth.runauth import RunAuth
     from .core import Corral
     from .isolation import Sandbox
-    from .sessions import Lease
+    from .spawn import HeldChild
+    from .terminal import PtyRelay
 
 DESCRIPTION_MAX = 200
 
@@ -36,7 +44,7 @@ def _describe(agent: str, argv: tuple[str, ...]) -> str:
     return text if len(text) <= DESCRIPTION_MAX else text[: DESCRIPTION_MAX - 3] + "..."
 
 
-def _new_record(corral: "Corral", spec: RunSpec, *, detach: bool) -> RunRecord:
+def _new_record(corral: Corral, spec: RunSpec, *, detach: bool) -> RunRecord:
     from .names import new_run_id
 
     given = spec.cwd or ""
@@ -73,7 +81,7 @@ def _new_record(corral: "Corral", spec: RunSpec, *, detach: bool) -> RunRecord:
     )
 
 
-def _prepare_auth(corral: "Corral", spec: RunSpec, record: RunRecord) -> tuple[RunSpec, "RunAuth | None"]:
+def _prepare_auth(corral: Corral, spec: RunSpec, record: RunRecord) -> tuple[RunSpec, RunAuth | None]:
     """The run's granted profiles, made ready before the fork (auth/runauth.py): its own
     broker socket, the adapters' files, the variables. The token store is hidden from it."""
     if not spec.auth:
@@ -92,7 +100,7 @@ def _prepare_auth(corral: "Corral", spec: RunSpec, record: RunRecord) -> tuple[R
                                bind_back=(*spec.bind_back, *run_auth.shared))
     return spec, run_auth
 
-def _sandbox(corral: "Corral", spec: RunSpec, record: RunRecord) -> "Sandbox":
+def _sandbox(corral: Corral, spec: RunSpec, record: RunRecord) -> Sandbox:
     """The run's isolation, planned before the fork (errors surface here, not in the child)."""
     from .isolation import plan
 
@@ -110,13 +118,13 @@ def _sandbox(corral: "Corral", spec: RunSpec, record: RunRecord) -> "Sandbox":
                 corral_env=corral_env, hidden=hidden, bind_back=(*bind_back, *spec.bind_back), unset=spec.env_unset,
                 state_dir=str(dirs.state))
 
-def _take_leases(corral: "Corral", spec: RunSpec, on_wait: Callable[[object], None] | None) -> list["Lease"]:
+def _take_leases(corral: Corral, spec: RunSpec, on_wait: Callable[[object], None] | None) -> list[HeldLock]:
     """The session lease, then a slot under the agent's cap, taken before the run exists:
     waiting must not hold a unit. The session comes first so that a run queued on a busy
     session does not sit on a slot another session's run could use."""
     if spec.budget is not None and spec.budget.requested():
         corral.backend.apply_budget(spec.budget)
-    leases: list = []
+    leases: list[HeldLock] = []
     try:
         if spec.session:
             from .sessions import Lease
@@ -134,7 +142,7 @@ def _take_leases(corral: "Corral", spec: RunSpec, on_wait: Callable[[object], No
     return leases
 
 
-def _release_all(leases: list["Lease"]) -> None:
+def _release_all(leases: list[HeldLock]) -> None:
     for lease in leases:
         lease.release()
 
@@ -154,7 +162,7 @@ def _check_strict_limits(spec: RunSpec, limits: dict[str, Any]) -> None:
                            hint="drop the limit, or delegate the controller (corral doctor says how)")
 
 
-def _save_start_record(corral: "Corral", record: RunRecord) -> None:
+def _save_start_record(corral: Corral, record: RunRecord) -> None:
     try:
         corral.store.save(record)
     except CorralError as err:
@@ -162,7 +170,7 @@ def _save_start_record(corral: "Corral", record: RunRecord) -> None:
         raise
 
 
-def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = False, hold_signals: bool = False,
+def start_attached(corral: Corral, spec: RunSpec, *, reap_orphans: bool = False, hold_signals: bool = False,
                    terminal: bool = False, on_wait: Callable[[object], None] | None = None) -> tuple[RunRecord, Owner]:
     """Start *spec* owned by this process: the caller waits on the returned Owner.
 
@@ -198,7 +206,7 @@ def start_attached(corral: "Corral", spec: RunSpec, *, reap_orphans: bool = Fals
     return record, owner
 
 
-def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_orphans: bool,
+def _start_attached(corral: Corral, spec: RunSpec, record: RunRecord, *, reap_orphans: bool,
                     terminal: bool) -> tuple[RunRecord, Owner]:
     backend = corral.backend
     cgroup = backend.prepare(spec.agent, record.id, spec.limits)
@@ -260,8 +268,9 @@ def _start_attached(corral: "Corral", spec: RunSpec, record: RunRecord, *, reap_
     )
     return record, owner
 
-def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: CgroupDir, *, stdio: tuple[int, int, int],
-               join_supervisor: bool, terminal: bool = False):  # type: ignore[no-untyped-def]
+def _fork_pair(corral: Corral, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, *, stdio: tuple[int, int, int],
+               join_supervisor: bool, terminal: bool = False,
+               ) -> tuple[HeldChild, HeldChild, int, Sandbox, PtyRelay | None]:
     """Fork the watchdog (into ``supervisor/``) and the main command (into ``payload/``),
     both held at the gate until the caller has placed them in the unit. With *terminal*,
     a sandboxed command on a terminal gets a pty of its own (returned as the relay)."""
@@ -296,7 +305,7 @@ def _fork_pair(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: Cgrou
         os.close(devnull)
     return main, watchdog, wd_w, sandbox, relay
 
-def start_detached(corral: "Corral", spec: RunSpec, *, on_wait: Callable[[object], None] | None = None) -> RunRecord:
+def start_detached(corral: Corral, spec: RunSpec, *, on_wait: Callable[[object], None] | None = None) -> RunRecord:
     """Start *spec* owned by a small process in the run's own scope; return once it runs.
     The session lease travels to that owner with the fork; this process drops its copy."""
     leases = _take_leases(corral, spec, on_wait)
@@ -321,8 +330,8 @@ def start_detached(corral: "Corral", spec: RunSpec, *, on_wait: Callable[[object
             lease.close()  # the owner's copy keeps the lock; release() above is a no-op after it
 
 
-def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: list["Lease"],
-                  run_auth: "RunAuth | None") -> RunRecord:
+def _run_detached(corral: Corral, spec: RunSpec, record: RunRecord, leases: list[HeldLock],
+                  run_auth: RunAuth | None) -> RunRecord:
     backend = corral.backend
     cgroup = backend.prepare(spec.agent, record.id, spec.limits)
     log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # type: ignore[arg-type]
@@ -385,9 +394,9 @@ def _run_detached(corral: "Corral", spec: RunSpec, record: RunRecord, leases: li
                          errno=code)
     return corral.store.load(record.id) or record
 
-def _detached_owner(corral: "Corral", spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
-                    gate_r: int, leases: list["Lease"],
-                    run_auth: "RunAuth | None") -> None:  # pragma: no cover - runs in the forked owner
+def _detached_owner(corral: Corral, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
+                    gate_r: int, leases: list[HeldLock],
+                    run_auth: RunAuth | None) -> None:  # pragma: no cover - runs in the forked owner
     """Body of a detached run's owner: wait to be placed, start the pair, own the run.
     The parent's D-Bus connection must not be used after fork, and the owner needs none."""
     from .procs import set_process_title

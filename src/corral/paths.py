@@ -22,7 +22,7 @@ class Dirs:
         return self.state / "runs"
 
     @classmethod
-    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> "Dirs":
+    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> Dirs:
         env = os.environ if env is None else env
         root = os.geteuid() == 0
         home = Path(env.get("HOME") or os.path.expanduser("~"))

@@ -13,10 +13,11 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import CorralError, RunNotFound, UsageError, translate_oserror
 from .names import is_run_id
@@ -26,7 +27,7 @@ END_STATES = ("exited", "failed", "killed", "timeout", "lost")
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,11 @@ class RunRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "RunRecord":
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
         """Raises ValueError for anything that is not a record this version can use: a run
         writes its own record file, so a listing must survive whatever it finds there."""
         if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError("not a JSON object")  # noqa: TRY004 -- "bad data" is ValueError to every caller
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             record = cls(**{k: v for k, v in data.items() if k in names})
@@ -91,7 +92,7 @@ class RunRecord:
             raise ValueError(f"cgroup {record.cgroup!r} is not the run's scope")
         return record
 
-    def replace(self, **changes: Any) -> "RunRecord":
+    def replace(self, **changes: Any) -> RunRecord:
         return dataclasses.replace(self, **changes)
 
 
@@ -275,7 +276,7 @@ class RecordStore:
         writer renames its temp file within milliseconds, so an hour-old one is debris."""
         import time
 
-        removed = []
+        removed: list[str] = []
         try:
             entries = list(os.scandir(self.dir))
         except FileNotFoundError:

@@ -6,12 +6,13 @@ does not import tomlkit and filelock at all.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .errors import UsageError
+from .isolation import Isolation
 from .names import validate_agent
 from .paths import Dirs
-from .isolation import Isolation
 from .spec import Limits, RunSpec
 
 

@@ -37,9 +37,10 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar, Self
 
 from . import _flock
 from ._queue import Ticket, tickets
@@ -47,8 +48,7 @@ from .cgroup import CgroupDir
 from .errors import CorralError, SessionBusy, UsageError, translate_oserror
 from .names import validate_agent
 from .paths import Dirs
-from .records import atomic_write
-from .records import now_iso
+from .records import atomic_write, now_iso
 
 KEY_MAX = 4096
 _READABLE_MAX = 40
@@ -91,7 +91,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 _PAGE = 4096
 
 
-def _write_holder(fd: int, info: "HolderInfo") -> None:
+def _write_holder(fd: int, info: HolderInfo) -> None:
     """Holder metadata goes *into* the lease file, by its holder, through the lease fd:
     one pwrite of whole pages, padded with blanks. The inode must never change (the
     lock lives on it), and rename-over on ext4 stalled up to 130 ms here (auto_da_alloc
@@ -103,7 +103,7 @@ def _write_holder(fd: int, info: "HolderInfo") -> None:
         os.ftruncate(fd, len(data))
 
 
-def _parse_holder(raw: bytes) -> "HolderInfo | None":
+def _parse_holder(raw: bytes) -> HolderInfo | None:
     try:
         data = json.loads(raw)
     except ValueError:
@@ -111,7 +111,7 @@ def _parse_holder(raw: bytes) -> "HolderInfo | None":
     return HolderInfo.from_json(data) if isinstance(data, dict) else None
 
 
-def _read_holder(sdir: Path) -> "HolderInfo | None":
+def _read_holder(sdir: Path) -> HolderInfo | None:
     """The holder recorded in ``lease``; None if there is none (new, or a foreign/stale
     file such as a PID written by an older tool). A read racing the holder's pwrite can
     see a torn page, which does not parse: read again."""
@@ -171,7 +171,7 @@ class HolderInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> "HolderInfo | None":
+    def from_json(cls, data: dict[str, Any] | None) -> HolderInfo | None:
         if not data:
             return None
         names = {f.name for f in dataclasses.fields(cls)}
@@ -329,7 +329,7 @@ class Lease:
         timeout: float | None = None,
         holder: HolderInfo | None = None,
         on_wait: Callable[[Waiting], None] | None = None,
-    ) -> "Lease":
+    ) -> Lease:
         """Wait for the lease, in arrival order, for at most *timeout* seconds (None: no
         limit, 0: fail at once), then until the previous holder's run cgroup is empty.
         Raises :class:`SessionBusy` (exit 75) naming the holder when time runs out.
@@ -348,7 +348,7 @@ class Lease:
 
     @classmethod
     def _acquire(cls, sdir: Path, agent: str, key: str, holder: HolderInfo | None, deadline: float | None,
-                 started: float, on_wait: Callable[[Waiting], None] | None) -> "Lease":
+                 started: float, on_wait: Callable[[Waiting], None] | None) -> Lease:
         sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not (sdir / "session.json").exists():
             _write_json(sdir / "session.json", {"agent": agent, "key": key})
@@ -442,7 +442,7 @@ class Lease:
             os.close(fd)
         self._ticket.close()
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -493,9 +493,7 @@ def _is_flocked(path: Path, inodes: set[int] | None) -> bool:
         return ino in inodes
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # fallback: probe
     try:
-        if _flock.try_flock(fd, fcntl.LOCK_SH):
-            return False
-        return True
+        return not _flock.try_flock(fd, fcntl.LOCK_SH)
     finally:
         os.close(fd)
 

@@ -11,8 +11,9 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import Busy, translate_oserror
 from .names import validate_agent
@@ -43,7 +44,7 @@ class Slot:
 
     @classmethod
     def acquire(cls, dirs: Dirs, agent: str, max_runs: int, *, wait: bool = True, timeout: float | None = None,
-                on_wait: Callable[[str], None] | None = None) -> "Slot":
+                on_wait: Callable[[str], None] | None = None) -> Slot:
         validate_agent(agent)
         directory = dirs.runtime / "agents" / agent
         try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .errors import spawn_error
 
@@ -109,7 +110,7 @@ def _child(
     err_w: int,
     new_session: bool,
     hide: Sequence[str] = (),
-    sandbox: "Sandbox | None" = None,
+    sandbox: Sandbox | None = None,
     ctty: bool = False,
 ) -> None:
     """Runs in the forked child; never returns."""
@@ -181,7 +182,7 @@ def fork_held(
     join: Callable[[], None] | None = None,
     new_session: bool = False,
     hide: Sequence[str] = (),
-    sandbox: "Sandbox | None" = None,
+    sandbox: Sandbox | None = None,
     ctty: bool = False,
 ) -> HeldChild:
     """Fork a child that waits for ``release()``, runs *join* (if any), then execs *argv*,

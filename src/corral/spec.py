@@ -7,10 +7,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import validate_agent
-from .units import MAX_TASKS, parse_duration, parse_percent, parse_positive_int, parse_size
 from .errors import ArgumentTypeError, UsageError
 from .isolation import Isolation
+from .names import validate_agent
+from .units import (
+    MAX_TASKS,
+    parse_duration,
+    parse_percent,
+    parse_positive_int,
+    parse_size,
+)
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -30,7 +36,7 @@ class Limits:
         memory_high: str | int | None = None,
         cpu_quota: str | float | None = None,
         tasks_max: str | int | None = None,
-    ) -> "Limits":
+    ) -> Limits:
         return cls(
             memory_max=parse_size(memory_max) if memory_max is not None else None,
             memory_high=parse_size(memory_high) if memory_high is not None else None,

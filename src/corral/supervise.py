@@ -27,6 +27,7 @@ from .records import RunRecord, now_iso
 from .spawn import exit_code_of
 
 if TYPE_CHECKING:
+    from ._flock import HeldLock
     from .backends import Backend
     from .records import RecordStore
     from .terminal import PtyRelay
@@ -85,8 +86,8 @@ class Owner:
     def __init__(
         self,
         *,
-        backend: "Backend",
-        store: "RecordStore",
+        backend: Backend,
+        store: RecordStore,
         record: RunRecord,
         cgroup: CgroupDir,
         main_pid: int,
@@ -98,7 +99,7 @@ class Owner:
         reap_orphans: bool = False,
         keep_leftovers: bool = False,
         sandboxed: bool = False,
-        terminal: "PtyRelay | None" = None,
+        terminal: PtyRelay | None = None,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -120,7 +121,7 @@ class Owner:
         self._command_pid: int | None = None
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
-        self.leases: list = []  # session leases held for the run, released once it is torn down
+        self.leases: list[HeldLock] = []  # session leases held for the run, released once it is torn down
         self.services: Any = None  # the run's auth (auth/runauth.py): served while it lives, closed at its end
         # What the one waiting should hear while it waits (the CLI prints it): a grace
         # that ran out, a deadline that struck. The library stays silent by default.
@@ -185,8 +186,8 @@ class Owner:
                     break
                 if wake_r in events:
                     _drain(wake_r)
-                    for sig in received:
-                        if sig == signal.SIGCHLD:
+                    for signum in received:
+                        if signum == signal.SIGCHLD:
                             self._reap_orphans()
                             continue
                         if sig in JOB_CONTROL:
@@ -237,15 +238,15 @@ class Owner:
                 pty.close()
                 self.terminal = None
             if listen:
-                for sig, handler in old_handlers.items():
-                    signal.signal(sig, handler)  # type: ignore[arg-type]
+                for signum, handler in old_handlers.items():
+                    signal.signal(signum, handler)  # type: ignore[arg-type]
                 signal.set_wakeup_fd(old_wakeup)
                 os.close(wake_r)
                 os.close(wake_w)
         return self._finish(status, ended_by)
 
     @staticmethod
-    def _pump(pty: "PtyRelay", poller: select.poll, events: dict[int, int]) -> None:
+    def _pump(pty: PtyRelay, poller: select.poll, events: dict[int, int]) -> None:
         """Bytes between the caller's terminal and the run's pty."""
         if events.get(pty.master):
             pty.on_master()
@@ -260,7 +261,7 @@ class Owner:
         exit_code, sig = exit_code_of(status)
         if self.sandboxed and exit_code is not None and 128 < exit_code <= 128 + signal.SIGRTMAX:
             # bwrap passes "killed by N" on as 128+N, as a shell does; record it as the signal.
-            exit_code, sig = None, exit_code - 128
+            sig, exit_code = exit_code - 128, None
         if self.keep_leftovers and ended_by == "exited" and self.payload.events().populated:
             self._drain(exit_code, sig)
         leftovers = max(len(self._leftovers()), self._killed_others)
@@ -479,7 +480,7 @@ def set_child_subreaper() -> bool:
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
 

@@ -20,6 +20,7 @@ import fcntl
 import os
 import signal
 import termios
+from typing import Any
 
 _STDIN, _STDOUT, _STDERR = 0, 1, 2
 _CHUNK = 65536
@@ -47,7 +48,7 @@ class PtyRelay:
             pass
         self.resize()
         os.set_blocking(self.master, False)
-        self._saved: list | None = None
+        self._saved: list[Any] | None = None  # termios.tcgetattr's [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]
         self._to_run = b""  # typed input the run has not read yet
         self.stdin_open = True
         self.master_open = True
@@ -71,7 +72,7 @@ class PtyRelay:
                 self._saved = termios.tcgetattr(_STDIN)
         except termios.error:
             return
-        mode = [list(x) if isinstance(x, list) else x for x in self._saved]
+        mode: list[Any] = [list(x) if isinstance(x, list) else x for x in self._saved]
         mode[0] &= ~(termios.BRKINT | termios.ICRNL | termios.INPCK | termios.ISTRIP | termios.IXON)
         mode[1] &= ~termios.OPOST  # the pty's own OPOST already turned \n into \r\n
         mode[2] = (mode[2] & ~(termios.CSIZE | termios.PARENB)) | termios.CS8

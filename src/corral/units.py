@@ -37,7 +37,7 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def parse_duration(text: str | float | int, *, allow_zero: bool = False) -> float:
+def parse_duration(text: str | float, *, allow_zero: bool = False) -> float:
     """``90s``, ``30m``, ``2h``, ``1h30m``, ``1.5`` -> seconds. NaN, infinities, negatives,
     zero (unless *allow_zero*) and more than a year are a UsageError."""
     if isinstance(text, bool):
@@ -59,7 +59,7 @@ def parse_duration(text: str | float | int, *, allow_zero: bool = False) -> floa
     return value
 
 
-def parse_percent(text: str | float | int) -> float:
+def parse_percent(text: str | float) -> float:
     """``150%`` or ``150`` -> 150.0 (percent of one CPU, as systemd's CPUQuota)."""
     raw = str(text).strip().rstrip("%").strip()
     try:
@@ -73,7 +73,7 @@ def parse_percent(text: str | float | int) -> float:
     return value
 
 
-def parse_positive_int(text: str | int | float, what: str, *, maximum: int | None = None) -> int:
+def parse_positive_int(text: str | float, what: str, *, maximum: int | None = None) -> int:
     """A whole number > 0 (and <= *maximum*). ``1.5``, ``inf``, ``true`` are errors, not 1."""
     if isinstance(text, bool) or (isinstance(text, float) and not (math.isfinite(text) and text.is_integer())):
         raise UsageError(f"invalid {what} {text!r}: not a whole number")

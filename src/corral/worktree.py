@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import CorralError, UsageError
 
@@ -34,12 +35,12 @@ class Worktree:
         return {"repo": self.repo, "branch": self.branch, "path": self.path, "created": self.created}
 
     @classmethod
-    def from_toml(cls, data: Mapping[str, Any]) -> "Worktree":
+    def from_toml(cls, data: Mapping[str, Any]) -> Worktree:
         for key in ("repo", "branch", "path"):
             if not isinstance(data.get(key), str) or not data[key]:
                 raise ValueError(f"worktree.{key} must be a non-empty string")
         if not isinstance(data.get("created", False), bool):
-            raise ValueError("worktree.created must be true or false")
+            raise ValueError("worktree.created must be true or false")  # noqa: TRY004 -- "bad data" is ValueError to every caller
         unknown = set(data) - {"repo", "branch", "path", "created"}
         if unknown:
             raise ValueError(f"unknown worktree key(s): {', '.join(sorted(unknown))}")
@@ -63,7 +64,7 @@ def _git(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0"}
     try:
         proc = subprocess.run(["git", *args], capture_output=True, text=True, env=env, timeout=GIT_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
     except FileNotFoundError:
         raise CorralError("git is not installed", hint="install git to use --worktree") from None
     except subprocess.TimeoutExpired:

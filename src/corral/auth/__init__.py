@@ -22,12 +22,12 @@ from .status import status
 from .store import Token, TokenStore
 
 __all__ = [
-    "AccessToken",
-    "Broker",
     "DEFAULT_ENV_VAR",
     "PROFILE_ENV",
-    "Profile",
     "SOCKET_ENV",
+    "AccessToken",
+    "Broker",
+    "Profile",
     "Token",
     "TokenStore",
     "access_token",

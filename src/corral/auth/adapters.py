@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,9 @@ class Adapter:
 
 
 def _iso(ts: float) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -397,5 +398,14 @@ def adapter_for(profile: Profile, root: Path, *, run_id: str, extra: dict[str, s
     return ADAPTERS[profile.kind](profile, root, run_id=run_id, extra=extra, owner=owner)
 
 
-__all__ = ["ADAPTERS", "Adapter", "ClaudeAdapter", "ClaudeApiKeyAdapter", "CodexAdapter", "OpenclawAdapter",
-           "SENTINEL_PREFIX", "adapter_for", "unsigned_id_token"]
+__all__ = [
+    "ADAPTERS",
+    "SENTINEL_PREFIX",
+    "Adapter",
+    "ClaudeAdapter",
+    "ClaudeApiKeyAdapter",
+    "CodexAdapter",
+    "OpenclawAdapter",
+    "adapter_for",
+    "unsigned_id_token",
+]

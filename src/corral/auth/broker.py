@@ -35,14 +35,23 @@ import socket
 import stat
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dataclasses import dataclass
-
 from ..cgroup import run_of
-from ..errors import (AuthBusy, Busy, ConfigError, CorralError, NotFound, PermissionDenied, ProfileNotFound,
-                      SignInAgain, UsageError, translate_oserror)
+from ..errors import (
+    AuthBusy,
+    Busy,
+    ConfigError,
+    CorralError,
+    NotFound,
+    PermissionDenied,
+    ProfileNotFound,
+    SignInAgain,
+    UsageError,
+    translate_oserror,
+)
 from ..paths import Dirs
 from .refresh import DEFAULT_TIMEOUT, AccessToken, get_token
 
@@ -183,7 +192,7 @@ def check_grant(dirs: Dirs, pid: int, profile: str, *, only: RunGrant | None = N
                                    hint="start the run with this XDG_STATE_HOME and --auth PROFILE")
         grants = record.grants
     if profile not in grants:
-        agent, run_id = found  # type: ignore[misc]
+        agent, run_id = found
         raise PermissionDenied(f"run {run_id} ({agent}) was not granted auth profile {profile!r}"
                                + (f" (granted: {', '.join(grants)})" if grants else " (it has no auth grants)"),
                                hint=f"start the run with --auth {profile}, or give agent {agent} that auth profile")
@@ -209,7 +218,7 @@ class Broker:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     @classmethod
-    def open(cls, dirs: Dirs, *, path: Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> "Broker":
+    def open(cls, dirs: Dirs, *, path: Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> Broker:
         activated = activation_socket() if path is None else None
         if activated is not None:
             log.info("broker: listening on the socket passed by systemd")
@@ -294,7 +303,7 @@ class Broker:
         try:
             req = json.loads(line)
             if not isinstance(req, dict):
-                raise ValueError("not an object")
+                raise ValueError("not an object")  # noqa: TRY004 -- "bad data" is ValueError to every caller
         except ValueError:
             return _error_answer(UsageError("bad request: one JSON object per line"))
         op = req.get("op")
@@ -312,7 +321,7 @@ class Broker:
         except CorralError as err:
             log.info("broker: pid %d, profile %s: %s", pid, profile, err.message)
             return _error_answer(err)
-        except Exception as err:  # noqa: BLE001 -- one bad request must not end the broker
+        except Exception as err:
             log.exception("broker: pid %d, profile %s: unexpected error", pid, profile)
             return {"ok": False, "kind": "error", "error": f"internal error: {type(err).__name__}", "exit_code": 1}
         return {"ok": True, **token.to_json()}
@@ -341,14 +350,16 @@ def run_broker(dirs: Dirs, *, path: Path | None = None, timeout: float = DEFAULT
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: broker.shutdown())
     try:
-        from pystemd.daemon import notify  # readiness, for a Type=notify unit; harmless otherwise
+        from pystemd.daemon import (
+            notify,  # readiness, for a Type=notify unit; harmless otherwise
+        )
 
         if os.environ.get("NOTIFY_SOCKET"):
             notify(False, "READY=1")
-    except Exception:  # noqa: BLE001 -- readiness is a courtesy, never a reason to fail
+    except Exception:  # noqa: BLE001, S110 -- readiness is a courtesy, never a reason to fail
         pass
     broker.serve_forever()
     log.info("broker: stopped")
 
 
-__all__ = ["Broker", "RunGrant", "activation_socket", "check_grant", "bind_socket", "peer_credentials", "run_broker", "socket_path"]
+__all__ = ["Broker", "RunGrant", "activation_socket", "bind_socket", "check_grant", "peer_credentials", "run_broker", "socket_path"]

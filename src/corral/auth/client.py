@@ -13,8 +13,16 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..errors import (AuthBusy, AuthError, ConfigError, CorralError, PermissionDenied, ProfileNotFound,
-                      SignInAgain, UsageError)
+from ..errors import (
+    AuthBusy,
+    AuthError,
+    ConfigError,
+    CorralError,
+    PermissionDenied,
+    ProfileNotFound,
+    SignInAgain,
+    UsageError,
+)
 from ..paths import Dirs
 from .broker import socket_path
 from .refresh import DEFAULT_HTTP_TIMEOUT, DEFAULT_TIMEOUT, AccessToken, get_token
@@ -45,7 +53,7 @@ def ask_broker(path: Path, request: dict[str, Any], *, timeout: float) -> dict[s
             sock.sendall(json.dumps(request).encode() + b"\n")
             reader = sock.makefile("rb")
             line = reader.readline(1 << 16)
-        except socket.timeout:
+        except TimeoutError:
             raise AuthError(f"the broker at {path} did not answer within {timeout:g}s") from None
         except OSError as err:
             if err.errno in (errno.ECONNRESET, errno.EPIPE):
@@ -59,7 +67,7 @@ def ask_broker(path: Path, request: dict[str, Any], *, timeout: float) -> dict[s
     try:
         answer = json.loads(line)
         if not isinstance(answer, dict):
-            raise ValueError
+            raise ValueError  # noqa: TRY004 -- "bad data" is ValueError to every caller
     except ValueError:
         raise AuthError(f"the broker at {path} sent something that is not a JSON object") from None
     return answer

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import UsageError
 from .oauth import jwt_expiry
@@ -63,7 +64,7 @@ def _epoch(value: Any) -> float | None:
         except ValueError:
             pass
         try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            parsed = datetime.fromisoformat(value)
         except ValueError:
             return None
         return parsed.timestamp() if parsed.tzinfo else None
@@ -162,4 +163,4 @@ def move_out(path: str | os.PathLike[str], refresh_token: str) -> bool:
             os.close(lock_fd)
 
 
-__all__ = ["Imported", "MOVED_SENTINEL", "move_out", "parse_auth_json", "read_auth_file"]
+__all__ = ["MOVED_SENTINEL", "Imported", "move_out", "parse_auth_json", "read_auth_file"]

@@ -16,8 +16,9 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 from .profiles import Profile
@@ -190,4 +191,4 @@ def refresh_grant(profile: Profile, refresh_token: str, *, timeout: float = 30.0
         raise TransportError("the token endpoint's answer is not JSON") from None
 
 
-__all__ = ["Grant", "Rejected", "SIGN_IN_AGAIN_CODES", "TransportError", "jwt_expiry", "refresh_grant", "checkpoint"]
+__all__ = ["SIGN_IN_AGAIN_CODES", "Grant", "Rejected", "TransportError", "checkpoint", "jwt_expiry", "refresh_grant"]

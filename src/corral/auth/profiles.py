@@ -35,9 +35,14 @@ from urllib.parse import urlsplit
 
 import tomlkit
 
-from ..config import normalize as _normalize_setting
-from ..config import open_store
-from ..errors import ConfigError, PermissionDenied, ProfileNotFound, UsageError, translate_oserror
+from ..config import normalize as _normalize_setting, open_store
+from ..errors import (
+    ConfigError,
+    PermissionDenied,
+    ProfileNotFound,
+    UsageError,
+    translate_oserror,
+)
 from ..paths import Dirs
 
 DEFAULT_ENV_VAR = "CORRAL_ACCESS_TOKEN"
@@ -88,7 +93,7 @@ class Profile:
         """What sign-in pins in the token store."""
         return {key: getattr(self, key) for key in ENDPOINT_KEYS}
 
-    def pinned_to(self, endpoint: Mapping[str, Any] | None) -> "Profile":
+    def pinned_to(self, endpoint: Mapping[str, Any] | None) -> Profile:
         """This profile with the endpoint pinned at sign-in (re-checked: https, or plain
         http to loopback only). None: a credential stored before pinning existed."""
         if not endpoint:

@@ -258,4 +258,4 @@ def login(dirs: Dirs, name: str, *, refresh_token: str, access_token: str | None
     return token
 
 
-__all__ = ["AccessToken", "DEFAULT_TIMEOUT", "get_token", "login"]
+__all__ = ["DEFAULT_TIMEOUT", "AccessToken", "get_token", "login"]

@@ -87,7 +87,7 @@ class RunAuth:
 
     # -- before the fork ---------------------------------------------------------------
 
-    def prepare(self, timeout: float = DEFAULT_TIMEOUT) -> "RunAuth":
+    def prepare(self, timeout: float = DEFAULT_TIMEOUT) -> RunAuth:
         profiles = [get_profile(self.dirs, name) for name in self.grant.grants]  # exit 3 before anything
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -145,7 +145,7 @@ class RunAuth:
         service = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 -- http.server's naming
+            def do_POST(self) -> None:
                 length = min(int(self.headers.get("Content-Length") or 0), 65536)
                 self.rfile.read(length)
                 status, body = service._http_answer(self.path, secret)

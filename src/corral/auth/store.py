@@ -26,10 +26,11 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import _flock
 from ..errors import AuthBusy, PermissionDenied, SignInAgain, translate_oserror
@@ -59,7 +60,7 @@ def fingerprint(secret: str) -> str:
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,9 @@ class Token:
         return {"version": STORE_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_json(cls, data: Any) -> "Token":
+    def from_json(cls, data: Any) -> Token:
         if not isinstance(data, dict) or not isinstance(data.get("refresh_token"), str):
-            raise ValueError("no refresh_token")
+            raise ValueError("no refresh_token")  # noqa: TRY004 -- "bad data" is ValueError to every caller
         names = {f.name for f in dataclasses.fields(cls)}
         if data.get("endpoint") is not None and not isinstance(data["endpoint"], dict):
             raise ValueError("endpoint is not an object")
@@ -138,7 +139,7 @@ class Token:
             raise ValueError("extra is not an object")
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def replace(self, **changes: Any) -> "Token":
+    def replace(self, **changes: Any) -> Token:
         return dataclasses.replace(self, **changes)
 
 
@@ -190,7 +191,7 @@ class TokenStore:
         self.marker_path = self.dir / f"{profile}.inflight"
 
     @classmethod
-    def of(cls, dirs: Dirs, profile: str) -> "TokenStore":
+    def of(cls, dirs: Dirs, profile: str) -> TokenStore:
         return cls(auth_dir(dirs), profile)
 
     # --- safety checks ------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import NoBackend, UsageError
 from .base import Backend, LiveScope, Probe, Usage
 
-__all__ = ["Backend", "LiveScope", "Probe", "Usage", "detect", "open_backend", "probe_all", "BACKENDS"]
+__all__ = ["BACKENDS", "Backend", "LiveScope", "Probe", "Usage", "detect", "open_backend", "probe_all"]
 
 BACKENDS = ("systemd", "cgroupfs")
 

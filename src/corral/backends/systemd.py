@@ -111,7 +111,7 @@ class SystemdBackend(Backend):
             self.version = self._manager_prop(b"Version", b"s").decode()
             # The user manager lives in user@UID.service; the system manager at "/".
             self.manager_cgroup = self._manager_prop(b"ControlGroup", b"s").decode() if self.user_mode else "/"
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise NoBackend(f"systemd answered but not as a manager: {err}") from err
 
     # --- D-Bus helpers ----------------------------------------------------------------
@@ -122,13 +122,14 @@ class SystemdBackend(Backend):
     def _call(self, method: bytes, args: list[Any], what: str) -> Any:
         try:
             return self.bus.call_method(DEST, PATH, MANAGER, method, args).body
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise _translate(err, what) from err
 
     def _unit_path(self, unit: str) -> bytes:
         from pystemd.dbuslib import path_encode
 
-        return path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
+        path: bytes = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
+        return path
 
     def _subscribe(self) -> None:
         if self._subscribed:
@@ -271,7 +272,7 @@ class SystemdBackend(Backend):
     def close(self) -> None:
         try:
             self.bus.close()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110 -- closing a bus that already broke: nothing left to do
             pass
 
     def probe(self) -> Probe:
