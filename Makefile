@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@[ -x $(VPY) ] || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,systemd]'
 	@touch $@
 
 deps: $(VENV)/.installed
@@ -60,7 +60,7 @@ lint: deps
 	$(VENV)/bin/ruff check src
 	$(VENV)/bin/mypy
 
-test-host: deps
+test-host: deps wheels
 	@echo "== tier 1: cgroupfs backend on this host's cgroup v2 =="
 	CORRAL_TEST_BACKENDS=cgroupfs $(PYTEST) tests
 
@@ -112,38 +112,26 @@ PIP_FLAGS   ?=
 UNITS       := $(wildcard units/*)
 
 wheels:
-	$(VENV)/bin/pip wheel -q --disable-pip-version-check -w .wheels . 'setuptools>=68' wheel
-
-USER_ONLY_SED := -e '/^\# >>> system manager only/,/^\# <<< end of system manager only/d'
-
-# $(2): extra sed expression (install-user drops the system-manager-only hardening block)
-define install_units
-	install -d -m 0755 $(1)
-	for u in $(UNITS); do \
-	  sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' $(2) $$u > $(1)/$$(basename $$u); \
-	  chmod 0644 $(1)/$$(basename $$u); \
-	done
-endef
+	$(VENV)/bin/pip wheel -q --disable-pip-version-check -w .wheels '.[systemd]' 'setuptools>=77' wheel
 
 install:
 	@[ -x $(PY) ] || { echo "corral: $(PY) is missing (apt-get install python3-venv)"; exit 1; }
 	$(PY) -m venv $(DESTDIR)$(LIBDIR)/venv
-	$(DESTDIR)$(LIBDIR)/venv/bin/pip install -q --disable-pip-version-check $(PIP_FLAGS) .
+	$(DESTDIR)$(LIBDIR)/venv/bin/pip install -q --disable-pip-version-check $(PIP_FLAGS) '.[systemd]'
 	@# a venv records its own path: when staged under DESTDIR, point it at the final one
 	@if [ -n "$(DESTDIR)" ]; then grep -rlI -- "$(DESTDIR)$(LIBDIR)" $(DESTDIR)$(LIBDIR)/venv/bin \
 	  $(DESTDIR)$(LIBDIR)/venv/pyvenv.cfg | xargs -r sed -i "s|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g"; fi
 	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(DOCDIR)
 	ln -sfn $(LIBDIR)/venv/bin/corral $(DESTDIR)$(BINDIR)/corral
 	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
-	$(call install_units,$(DESTDIR)$(UNITDIR))
+	@# the units come from the installed package: the same code as `corral install-units`
+	$(DESTDIR)$(LIBDIR)/venv/bin/python -m corral install-units --prefix $(PREFIX) --dest $(DESTDIR)$(UNITDIR) --no-reload
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "corral installed: $(BINDIR)/corral, units in $(UNITDIR)"
 
 install-user:
 	@[ -x $(BINDIR)/corral ] || { echo "corral: run 'make install PREFIX=$(PREFIX)' first (or set PREFIX)"; exit 1; }
-	$(call install_units,$(USERUNITDIR),$(USER_ONLY_SED))
-	@systemctl --user daemon-reload 2>/dev/null || true
-	@echo "corral user units installed in $(USERUNITDIR)"
+	$(BINDIR)/corral install-units --user --prefix $(PREFIX) --dest $(USERUNITDIR)
 
 uninstall:
 	-@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \

@@ -271,3 +271,21 @@ def test_concurrent_broker_clients_at_expiry_share_one_refresh(env: Env, server:
     assert len(answers) == clients and all(a["ok"] for a in answers), answers[:2]
     assert {a["access_token"] for a in answers} == {env.stored("p1")["access_token"]}
     assert server.stats()["token_requests"] == 1
+
+
+def test_sd_notify_reaches_the_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readiness without pystemd: one datagram to $NOTIFY_SOCKET, as systemd's sd_notify sends it."""
+    import socket
+
+    from corral.auth.broker import sd_notify
+
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert sd_notify("READY=1")
+        assert listener.recv(64) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not sd_notify("READY=1")  # not under systemd: nothing to tell
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    assert not sd_notify("READY=1")  # a socket that went away is not an error

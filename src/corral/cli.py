@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from . import __version__
 from .cli_output import ago, command_line, echo_json, local_time, table
 from .cli_params import (
     DURATION_OR_ZERO,
@@ -46,7 +47,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--backend", type=click.Choice(["systemd", "cgroupfs"]), default=None,
               help="Override backend detection.")
-@click.version_option(version="0.1.0", prog_name="corral")  # static: importlib.metadata costs ~9 ms
+@click.version_option(version=__version__, prog_name="corral")  # not importlib.metadata: that costs ~9 ms
 @click.pass_context
 def cli(ctx: click.Context, backend: str | None) -> None:
     """Run AI coding agents side by side, each run in its own cgroup."""
@@ -507,6 +508,11 @@ from .cli_auth import auth as _auth, broker as _broker
 
 cli.add_command(_auth)
 cli.add_command(_broker)
+
+
+from .cli_deploy import install_units as _install_units
+
+cli.add_command(_install_units)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -190,21 +190,21 @@ class Owner:
                         if signum == signal.SIGCHLD:
                             self._reap_orphans()
                             continue
-                        if sig in JOB_CONTROL:
-                            self._job_control(sig)
+                        if signum in JOB_CONTROL:
+                            self._job_control(signum)
                             continue
-                        if pty is not None and sig in (signal.SIGINT, signal.SIGQUIT):
-                            pty.key(sig)  # a key, as on a terminal: no grace deadline
+                        if pty is not None and signum in (signal.SIGINT, signal.SIGQUIT):
+                            pty.key(signum)  # a key, as on a terminal: no grace deadline
                             continue
-                        if grace_at is not None and sig in (signal.SIGINT, signal.SIGTERM):
+                        if grace_at is not None and signum in (signal.SIGINT, signal.SIGTERM):
                             # A second Ctrl-C (or TERM) while the first one's grace runs: now.
-                            self.notify(f"corral: run {self.record.id}: second {signal.Signals(sig).name}, "
+                            self.notify(f"corral: run {self.record.id}: second {signal.Signals(signum).name}, "
                                         "killing it now")
                             ended_by = "killed" if ended_by != "timeout" else ended_by
                             grace_at = None
                             self._kill_payload()
                             continue
-                        self._forward(sig)
+                        self._forward(signum)
                         if grace_at is None:
                             grace_at = now + self.grace
                     received.clear()

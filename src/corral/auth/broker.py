@@ -344,20 +344,29 @@ class Broker:
             return False
 
 
+def sd_notify(state: str) -> bool:
+    """sd_notify(3) for a Type=notify unit: one datagram to ``$NOTIFY_SOCKET`` (a path, or
+    ``@name`` in the abstract namespace). Written out so the broker does not need pystemd,
+    which is an extra. False when not under systemd or if the send fails: readiness is a
+    courtesy, never a reason to fail."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return False
+    target = "\0" + address[1:] if address[0] == "@" else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), target)
+    except OSError:
+        return False
+    return True
+
+
 def run_broker(dirs: Dirs, *, path: Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
     """``corral broker``: serve until SIGTERM or SIGINT."""
     broker = Broker.open(dirs, path=path, timeout=timeout)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: broker.shutdown())
-    try:
-        from pystemd.daemon import (
-            notify,  # readiness, for a Type=notify unit; harmless otherwise
-        )
-
-        if os.environ.get("NOTIFY_SOCKET"):
-            notify(False, "READY=1")
-    except Exception:  # noqa: BLE001, S110 -- readiness is a courtesy, never a reason to fail
-        pass
+    sd_notify("READY=1")
     broker.serve_forever()
     log.info("broker: stopped")
 

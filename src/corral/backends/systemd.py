@@ -39,8 +39,25 @@ def _translate(err: Exception, what: str) -> Exception:
     return BackendError(f"{what}: {name}: {text}")
 
 
+PYSTEMD_HINT = ("pip install 'corral[systemd]' (builds pystemd: needs gcc, pkg-config and libsystemd-dev; "
+                "`make deps` installs them), or use the cgroupfs backend")
+
+
+def pystemd_missing() -> str | None:
+    """Why pystemd cannot be imported, or None. It is an extra (corral[systemd]): a plain
+    pip install needs no compiler and gets the cgroupfs backend only."""
+    try:
+        import pystemd.dbuslib  # noqa: F401
+    except ImportError as err:
+        return f"pystemd is not installed ({err})"
+    return None
+
+
 def _open_bus(user_mode: bool) -> Any:
     """Connect to the manager: the bus first, then systemd's private socket."""
+    missing = pystemd_missing()
+    if missing is not None:
+        raise NoBackend(f"the systemd backend needs pystemd: {missing}", hint=PYSTEMD_HINT)
     from pystemd.dbuslib import DBus, DBusAddress
 
     errors: list[str] = []
@@ -302,6 +319,9 @@ def probe(user_mode: bool | None = None) -> Probe:
     if not Path("/run/systemd/system").exists():
         return Probe("systemd", False, ["systemd is not PID 1 here (/run/systemd/system is missing)"],
                      ["a systemd init (or use the cgroupfs backend)"])
+    missing = pystemd_missing()
+    if missing is not None:
+        return Probe("systemd", False, [missing], [PYSTEMD_HINT])
     try:
         backend = SystemdBackend(user_mode=user_mode)
     except Exception as err:  # noqa: BLE001
