@@ -147,3 +147,54 @@ def test_install_units_renders_for_system_and_user(tmp_path: Path) -> None:
     proc = install("--dest", str(blocker / "sub"))
     assert proc.returncode == 1 and "install units" in proc.stderr and "Traceback" not in proc.stderr
     assert blocker.read_text() == "x"
+
+
+def test_help_names_exit_codes_environment_and_every_option() -> None:
+    import click
+
+    import corral.errors as errors
+    from corral.cli import ENVIRONMENT, EXIT_STATUS, cli
+
+    out = subprocess.run([sys.executable, "-m", "corral", "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for code, _meaning in EXIT_STATUS:
+        assert re.search(rf"^\s+{re.escape(code)}\s+\S", out.stdout, re.M), code
+    for name, _meaning in ENVIRONMENT:
+        assert name in out.stdout
+    # every exit code the error tree can produce is explained, in --help and in the README
+    documented = {c for code, _ in EXIT_STATUS for c in code.split("/") if c.isdigit()}
+    tree = {str(cls.exit_code) for cls in vars(errors).values()
+            if isinstance(cls, type) and issubclass(cls, errors.CorralError) and isinstance(cls.exit_code, int)}
+    assert tree <= documented, tree - documented
+    readme = (REPO / "README.md").read_text()
+    table = set(re.findall(r"^\| ([0-9/+N]+) \|", readme, re.M))
+    assert table == {code for code, _ in EXIT_STATUS}, table ^ {code for code, _ in EXIT_STATUS}
+
+    def missing_help(cmd: click.Command, path: str) -> list[str]:
+        found = [f"{path} {p.opts[0]}" for p in cmd.params if isinstance(p, click.Option) and not p.help]
+        if not (cmd.help or cmd.short_help):
+            found.append(f"{path}: no help")
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                found += missing_help(sub, f"{path} {name}")
+        return found
+
+    assert missing_help(cli, "corral") == []
+
+
+def test_completion_offers_agents_and_profiles_from_the_config(tmp_path: Path) -> None:
+    (tmp_path / "corral").mkdir()
+    (tmp_path / "corral" / "config.toml").write_text(
+        '[agents.lane1]\n[agents.lane2]\n[agents.other]\n[auth.openai]\ntoken_url = "https://x"\n')
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1), "_CORRAL_COMPLETE": "bash_complete"}
+        out = subprocess.run([sys.executable, "-m", "corral"], env=env, capture_output=True, text=True, timeout=30)
+        return [line.split(",", 1)[1] for line in out.stdout.splitlines()]
+
+    assert complete("corral agents show la") == ["lane1", "lane2"]
+    assert complete("corral agents rm o") == ["other"]
+    assert complete("corral auth token o") == ["openai"]
+    assert complete("corral run --auth o") == ["openai"]
+    assert complete("corral kill -s T") == ["TERM"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -182,6 +183,13 @@ def test_stop_sends_term_then_kills(corral: CorralCLI) -> None:
     assert corral.show(polite)["state"] == "killed"
     assert corral.show(stubborn)["state"] == "killed"
     assert not corral.scopes_of(agent)
+    # it says what it sent, and that the stubborn one came to SIGKILL and the polite one did not
+    # (counts include a sandbox's own helpers, which get the signals too)
+    for rid in (polite, stubborn):
+        assert re.search(rf"^corral: {rid}: SIGTERM to [1-9]\d* process\(es\); SIGKILL after 1s if any are left$",
+                         proc.stderr, re.M), proc.stderr
+    assert re.search(rf"^corral: {stubborn}: [2-9]\d* process\(es\) still running after 1s: SIGKILL$", proc.stderr, re.M)
+    assert not re.search(rf"^corral: {polite}: .*still running", proc.stderr, re.M), proc.stderr
 
 
 def test_timeout_ends_whole_run_with_124(corral: CorralCLI) -> None:
@@ -650,3 +658,14 @@ def test_a_limit_this_machine_does_not_enforce_is_a_warning_or_with_strict_limit
     else:
         assert strict.returncode == 1 and "--strict-limits" in strict.stderr and not marker.exists(), strict.stderr
         assert not corral.scopes_of(agent)
+    # The same from the config: strict_limits = true on the agent, --no-strict-limits over it.
+    corral("agents", "add", agent, "--memory-max", "300M", check=True)
+    corral("agents", "set", agent, "strict_limits=yes", check=True)
+    assert corral.json("agents", "show", agent, "--json")["strict_limits"] is True
+    from_config = corral("run", agent, "sh", "-c", f"touch {marker}")
+    assert from_config.returncode == (0 if enforced else 1), from_config.stderr
+    assert marker.exists() == enforced
+    overridden = corral("run", "--no-strict-limits", agent, "sh", "-c", f"touch {marker}")
+    assert overridden.returncode == 0 and marker.exists(), overridden.stderr
+    bad = corral("agents", "set", agent, "strict_limits=maybe")
+    assert bad.returncode == 2 and "true or false" in bad.stderr

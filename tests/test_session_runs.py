@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import time
@@ -79,3 +80,37 @@ def test_lease_waits_for_the_previous_runs_leftovers(corral: CorralCLI, tmp_path
     assert proc.returncode == 0
     assert waited > 0.8, "not granted while the previous run's child was alive"
     assert corral.show(first)["state"] == "exited"
+
+
+def test_a_lease_wait_shows_progress_on_a_terminal(corral: CorralCLI) -> None:
+    """On a terminal the wait is one line redrawn in place with the time waited, then a
+    line saying how long it took; piped, the line comes once (no redraws in a log)."""
+    import pty
+
+    agent = corral.agent()
+    holder = corral.detach(agent, "sleep", "3", opts=("--session", "k"))
+    master, slave = pty.openpty()
+    try:
+        proc = corral.popen("run", "--session", "k", agent, "--", "true", stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the last writer closed the pty
+                break
+            if not chunk:
+                break
+            screen += chunk
+        assert proc.wait(timeout=30) == 0
+    finally:
+        os.close(master)
+    text = screen.decode(errors="replace")
+    assert "\r\x1b[Kcorral: waiting 0s: " in text and holder in text, text
+    assert "\r\x1b[Kcorral: waiting 2s: " in text, "redrawn as the seconds pass"
+    assert re.search(r"\r\x1b\[Kcorral: waited [23]s: ", text), text
+    # piped: once, no escapes
+    holder = corral.detach(agent, "sleep", "1", opts=("--session", "k"))
+    piped = corral("run", "--session", "k", agent, "--", "true", timeout=30)
+    assert piped.returncode == 0
+    assert piped.stderr.count("corral: waiting: ") == 1 and "\x1b" not in piped.stderr, piped.stderr

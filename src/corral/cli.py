@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .cli_output import ago, command_line, echo_json, local_time, table
+from .cli_output import WaitProgress, ago, command_line, echo_json, local_time, table
 from .cli_params import (
     DURATION_OR_ZERO,
     CommandLineCommand,
     complete_agents,
+    complete_profiles,
     complete_runs,
     complete_signals,
 )
@@ -44,9 +45,51 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_STATUS = (
+    ("0", "success (attached run: the command's own status)"),
+    ("1", "corral failed at run time"),
+    ("2", "bad usage or invalid input"),
+    ("3", "not found: run, agent, auth profile"),
+    ("69", "no usable backend (see: corral doctor)"),
+    ("75", "busy: session lease, max_runs, a wait timed out"),
+    ("77", "permission denied"),
+    ("78", "config file malformed or invalid"),
+    ("124", "the run hit its --timeout"),
+    ("126/127", "the command is not executable / not found"),
+    ("128+N", "the run's main process was killed by signal N"),
+)
+
+ENVIRONMENT = (
+    ("CORRAL_BACKEND", "systemd or cgroupfs, as --backend (default: detected)"),
+    ("CORRAL_CGROUP_ROOT", "cgroupfs: the cgroup v2 directory runs go under"),
+    ("XDG_CONFIG_HOME", "config.toml, under corral/ (root: /etc/corral)"),
+    ("XDG_STATE_HOME", "records, logs, tokens (root: /var/lib/corral)"),
+    ("XDG_RUNTIME_DIR", "leases, broker socket (root: /run/corral)"),
+    ("CORRAL_RUN_ID", "set in every run (with CORRAL_AGENT, CORRAL_UNIT)"),
+)
+
+
+def _epilog() -> str:
+    """Examples, exit status and environment for `corral --help` (README's tables, too)."""
+    def rows(pairs: tuple[tuple[str, str], ...]) -> list[str]:
+        width = max(len(k) for k, _ in pairs)
+        return [f"  {k.ljust(width)}  {v}" for k, v in pairs]
+
+    return "\n".join([
+        "\b", "Examples:",
+        "  corral agents add lane1 --workspace ~/src/app",
+        "  corral run lane1 -- codex exec \"fix the tests\"",
+        "  corral run -d --memory-max 4G lane1 -- npm test",
+        "  corral ps; corral logs -f RUN; corral kill lane1",
+        "", "\b", "Exit status:", *rows(EXIT_STATUS),
+        "", "\b", "Environment:", *rows(ENVIRONMENT),
+        "", "Each command has its own --help.",
+    ])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 @click.option("--backend", type=click.Choice(["systemd", "cgroupfs"]), default=None,
-              help="Override backend detection.")
+              help="Override backend detection (also: CORRAL_BACKEND).")
 @click.version_option(version=__version__, prog_name="corral")  # not importlib.metadata: that costs ~9 ms
 @click.pass_context
 def cli(ctx: click.Context, backend: str | None) -> None:
@@ -85,7 +128,7 @@ def _settle_lost_runs() -> None:
 @click.option("--keep-leftovers", is_flag=True,
               help="When the command exits, let what it left behind finish (state: draining).")
 @click.option("--no-wait", is_flag=True, help="If the agent is at its max_runs, fail (exit 75) instead of waiting.")
-@click.option("--auth", metavar="PROFILE", multiple=True,
+@click.option("--auth", metavar="PROFILE", multiple=True, shell_complete=complete_profiles,
               help="Grant auth PROFILE to the run (repeatable; default: the agent's auth). See corral auth --help.")
 @click.option("--cwd", metavar="DIR", help="Working directory (default: the agent's workspace, else here).")
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
@@ -98,14 +141,15 @@ def _settle_lost_runs() -> None:
 @click.option("--network", type=click.Choice(["host", "loopback", "none"]), default=None,
               help="host (default), loopback (own network namespace with lo only), or none.")
 @click.option("--user", metavar="NAME", help="As root: run as NAME (default: the workspace's owner).")
-@click.option("--strict-limits", is_flag=True,
-              help="Refuse to start (exit 1) if a requested limit would not be enforced here, instead of a warning.")
+@click.option("--strict-limits/--no-strict-limits", default=None,
+              help="Refuse to start (exit 1) if a requested limit would not be enforced here, instead of a "
+                   "warning (default: the agent's strict_limits, else off).")
 @pass_ctx
 def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str | None,
         lock_timeout: float | None, timeout: str | None, grace: float, keep_leftovers: bool, no_wait: bool,
         auth: tuple[str, ...], cwd: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
         memory_high: str | None, cpu_quota: str | None, tasks_max: str | None, isolation: str | None,
-        network: str | None, user: str | None, strict_limits: bool) -> None:
+        network: str | None, user: str | None, strict_limits: bool | None) -> None:
     """Run COMMAND for AGENT in its own cgroup (a systemd scope where systemd runs).
 
     corral's options come before AGENT, or between AGENT and a `--`; from the command on,
@@ -134,8 +178,9 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
         wait_for_slot=not no_wait, isolation=isolation, network=network, user=user, strict_limits=strict_limits,
         notice=lambda message: click.echo(f"corral: note: {message}", err=True),
     )
-    handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach, terminal=not detach,
-                          on_wait=lambda w: click.echo(f"corral: waiting: {w}", err=True))
+    with WaitProgress() as progress:
+        handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach,
+                              terminal=not detach, on_wait=progress)
     from .launch import unenforced_limits
 
     for problem in unenforced_limits((handle.record.limits or {}).get("effective") or {}):
@@ -355,7 +400,10 @@ def stop(c: Ctx, targets: tuple[str, ...], agent: str | None, run_id: str | None
          grace: float) -> None:
     """SIGTERM every process of each TARGET (run id, agent, --all); SIGKILL what remains after --grace."""
     records = _still_live(c, _targets(c, targets, agent, run_id, all_, all_users))
-    _report_end(c, records, "stopped", {r.id: c.corral.stop_run(r.id, grace) for r in records})
+    def say(line: str) -> None:
+        click.echo(f"corral: {line}", err=True)
+
+    _report_end(c, records, "stopped", {r.id: c.corral.stop_run(r.id, grace, notify=say) for r in records})
 
 
 @cli.command()
@@ -432,7 +480,7 @@ def resume(c: Ctx, run_refs: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object.")
 @click.option("--keep", metavar="DURATION", default="7d", show_default=True,
               help="Keep records of ended runs this long.")
 @pass_ctx
@@ -451,7 +499,7 @@ def gc(c: Ctx, as_json: bool, keep: str) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as a JSON object.")
 @pass_ctx
 def doctor(c: Ctx, as_json: bool) -> None:
     """Say which backend is usable here, why, and what is missing."""

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from .cli_output import echo_json, table
-from .cli_params import DURATION_OR_ZERO
+from .cli_params import DURATION_OR_ZERO, complete_agents, complete_profiles
 from .errors import AgentNotFound
 from .paths import Dirs
 from .units import format_bytes, parse_env_pairs
@@ -38,7 +38,7 @@ def agents() -> None:
 @click.option("--cpu-quota", metavar="PCT", help="CPU quota per run, in percent of one CPU, e.g. 150%.")
 @click.option("--tasks-max", metavar="N", help="Most processes/threads per run.")
 @click.option("--max-runs", metavar="N", help="Most runs of this agent at once.")
-@click.option("--auth", metavar="PROFILE", help="Auth profile the agent's runs use.")
+@click.option("--auth", metavar="PROFILE", shell_complete=complete_profiles, help="Auth profile the agent's runs use.")
 @click.option("--update", is_flag=True, help="Change an existing agent (only the options given).")
 def add(name: str, workspace: str | None, command: str | None, worktree: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
         memory_high: str | None, cpu_quota: str | None, tasks_max: str | None, max_runs: str | None,
@@ -85,7 +85,7 @@ def list_(as_json: bool) -> None:
 
 
 @agents.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_agents)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (with the effective values).")
 def show(name: str, as_json: bool) -> None:
     """Show agent NAME as configured, and what its runs get with [corral.defaults]."""
@@ -117,7 +117,7 @@ def show(name: str, as_json: bool) -> None:
 
 
 @agents.command("set")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_agents)
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
 def set_(name: str, assignments: tuple[str, ...]) -> None:
     """Change keys of agent NAME: workspace, memory_max, memory_high, cpu_quota, tasks_max,
@@ -129,7 +129,7 @@ def set_(name: str, assignments: tuple[str, ...]) -> None:
 
 
 @agents.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_agents)
 @click.option("--force", is_flag=True, help="Remove the agent's worktree even with uncommitted changes.")
 @click.option("--grace", type=DURATION_OR_ZERO, default=10.0, show_default=True, metavar="DURATION",
               help="How long its runs get between SIGTERM and SIGKILL.")

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .cli_output import echo_json, table
-from .cli_params import DURATION_OR_ZERO
+from .cli_params import DURATION_OR_ZERO, complete_profiles
 from .errors import UsageError
 from .paths import Dirs
 
@@ -54,7 +54,7 @@ def add(profile: str, token_url: str | None, client_id: str | None, scope: str |
 
 
 @auth.command()
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 @click.option("--refresh-token-stdin", "from_stdin", is_flag=True, help="Read a refresh token from stdin.")
 @click.option("--from-file", "from_file", metavar="FILE", type=click.Path(dir_okay=False),
               help="Import another tool's JSON auth file (e.g. ~/.codex/auth.json); its refresh token moves here.")
@@ -98,7 +98,7 @@ def login(profile: str, from_stdin: bool, from_file: str | None, keep_file: bool
 
 
 @auth.command()
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 @click.option("--force", is_flag=True, help="Remove it even if agents name it (their runs then fail with exit 3).")
 def rm(profile: str, force: bool) -> None:
     """Remove auth PROFILE from config.toml and its stored credential (sign-out)."""
@@ -109,7 +109,7 @@ def rm(profile: str, force: bool) -> None:
 
 
 @auth.command()
-@click.argument("profile", required=False)
+@click.argument("profile", required=False, shell_complete=complete_profiles)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(profile: str | None, as_json: bool) -> None:
     """Expiry, last refresh and state of PROFILE (or all profiles). Never prints a secret."""
@@ -140,7 +140,7 @@ def _left(seconds: int | None) -> str:
 
 
 @auth.command()
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 @click.option("--timeout", type=DURATION_OR_ZERO, default=30.0, show_default=True, metavar="DURATION",
               help="How long to wait for a refresh another process is doing (then exit 75).")
 @click.option("--no-broker", is_flag=True, help="Refresh in this process even if a broker is listening.")

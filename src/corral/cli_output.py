@@ -8,10 +8,11 @@ import json
 import shlex
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 import click
 
@@ -95,3 +96,57 @@ def duration(seconds: float) -> str:
         return f"{h}h{m}m" if m else f"{h}h"
     d, h = divmod(s // 3600, 24)
     return f"{d}d{h}h" if h else f"{d}d"
+
+
+class WaitProgress:
+    """A wait for a session lease or a max_runs slot, shown as it goes. On a terminal: one
+    line on stderr, redrawn each second with the time waited, replaced at the end by a line
+    saying how long it took. Elsewhere (a pipe, a log): the line once, as it starts.
+
+    The wait itself blocks in flock(2) in the calling thread; the redraw is a daemon thread,
+    stopped on leaving the ``with`` block however it is left (the lease came, a timeout,
+    Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self._what: str | None = None
+        self._started = 0.0
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, what: object) -> None:
+        """The ``on_wait`` callback: the wait begins (called at most once per wait)."""
+        self._what = str(what)
+        self._started = time.monotonic()
+        if not self._tty:
+            click.echo(f"corral: waiting: {self._what}", err=True)
+            return
+        self._draw()
+        self._ticker = threading.Thread(target=self._tick, name="corral-wait-progress", daemon=True)
+        self._ticker.start()
+
+    def _elapsed(self) -> str:
+        s = int(time.monotonic() - self._started)
+        return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else duration(s)
+
+    def _draw(self) -> None:
+        width = shutil.get_terminal_size((100, 24)).columns
+        line = ellipsize(f"corral: waiting {self._elapsed()}: {self._what}", max(20, width - 1))
+        sys.stderr.write(f"\r\033[K{line}")
+        sys.stderr.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self._draw()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._stop.set()
+        if self._ticker is None:
+            return
+        self._ticker.join()
+        outcome = "waited" if exc_type is None else "gave up after"
+        sys.stderr.write(f"\r\033[Kcorral: {outcome} {self._elapsed()}: {self._what}\n")
+        sys.stderr.flush()

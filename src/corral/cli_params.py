@@ -54,21 +54,30 @@ def complete_runs(ctx: click.Context, param: click.Parameter, incomplete: str) -
     return out
 
 
-def complete_agent_names(incomplete: str) -> list[str]:
+def _config_table_names(table: str, incomplete: str) -> list[str]:
+    """Names under [TABLE.*] of config.toml (tomllib: read-only, and fast enough for a TAB)."""
     from .paths import Dirs
 
     try:
         import tomllib
 
         with open(Dirs.from_env().config / "config.toml", "rb") as f:
-            agents = tomllib.load(f).get("agents") or {}
+            names = tomllib.load(f).get(table) or {}
     except (OSError, ValueError):
         return []
-    return [str(a) for a in agents if str(a).startswith(incomplete)]
+    return [str(a) for a in names if str(a).startswith(incomplete)] if isinstance(names, dict) else []
+
+
+def complete_agent_names(incomplete: str) -> list[str]:
+    return _config_table_names("agents", incomplete)
 
 
 def complete_agents(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     return complete_agent_names(incomplete)
+
+
+def complete_profiles(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return _config_table_names("auth", incomplete)
 
 
 SIGNAL_NAMES = ["TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT"]

@@ -17,6 +17,7 @@
     cpu_quota = "150%"
     tasks_max = 512
     max_runs = 1
+    strict_limits = true      # refuse to run where a limit would not be enforced
     auth = "openai"           # a profile name: credentials are never copied into agents
 
 Every change goes through :class:`~corral.configfile.ConfigStore` (locked, atomic,
@@ -64,6 +65,7 @@ class AgentConfig:
     command: tuple[str, ...] | None = None  # what `corral run NAME` runs when no command is given
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    strict_limits: bool | None = None  # refuse to run where a limit would not be enforced
     max_runs: int | None = None
     auth: str | None = None
     isolation: str | None = None  # none | standard | strict
@@ -80,13 +82,13 @@ class AgentConfig:
         limits = Limits(**{k: getattr(self.limits, k) if getattr(self.limits, k) is not None else getattr(d.limits, k)
                            for k in LIMIT_KEYS})
         own = {k: getattr(self, k) if getattr(self, k) is not None else getattr(d, k)
-               for k in ("max_runs", "auth", *ISOLATION_KEYS)}
+               for k in ("strict_limits", "max_runs", "auth", *ISOLATION_KEYS)}
         return replace(self, env={**d.env, **self.env}, limits=limits, **own)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "workspace": self.workspace,
                 "command": list(self.command) if self.command else None, "env": dict(self.env), **self.limits.__dict__,
-                "max_runs": self.max_runs, "auth": self.auth,
+                "strict_limits": self.strict_limits, "max_runs": self.max_runs, "auth": self.auth,
                 **{k: list(v) if isinstance(v, tuple) else v for k in ISOLATION_KEYS for v in [getattr(self, k)]},
                 "worktree": self.worktree.to_toml() if self.worktree else None}
 
@@ -95,6 +97,7 @@ class AgentConfig:
 class Defaults:
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    strict_limits: bool | None = None
     max_runs: int | None = None
     auth: str | None = None
     isolation: str | None = None

@@ -24,8 +24,9 @@ from .worktree import Worktree
 
 LIMIT_KEYS = ("memory_max", "memory_high", "cpu_quota", "tasks_max")
 ISOLATION_KEYS = ("isolation", "network", "user", "env_passthrough", "rw_paths", "home_ro")
-AGENT_KEYS = ("workspace", "command", "env", *LIMIT_KEYS, "max_runs", "auth", *ISOLATION_KEYS, "worktree")
-DEFAULT_KEYS = ("env", *LIMIT_KEYS, "max_runs", "auth", *ISOLATION_KEYS)  # [corral.defaults]
+AGENT_KEYS = ("workspace", "command", "env", *LIMIT_KEYS, "strict_limits", "max_runs", "auth", *ISOLATION_KEYS,
+              "worktree")
+DEFAULT_KEYS = ("env", *LIMIT_KEYS, "strict_limits", "max_runs", "auth", *ISOLATION_KEYS)  # [corral.defaults]
 SETTABLE_KEYS = tuple(k for k in AGENT_KEYS if k != "worktree")  # `agents set KEY=VALUE`
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -75,6 +76,20 @@ def parse_command(value: Any) -> tuple[str, ...]:
     return tuple(argv)
 
 
+def parse_bool(value: Any, what: str) -> bool:
+    """true/false in TOML; on the command line (`agents set NAME strict_limits=yes`) also the
+    words systemd takes for a boolean."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("1", "yes", "true", "on"):
+            return True
+        if word in ("0", "no", "false", "off"):
+            return False
+    raise UsageError(f"invalid {what} {value!r}: use true or false")
+
+
 def normalize(key: str, value: Any, *, cwd: str | None = None) -> Any:
     """Validate one user-given value and return what goes into the TOML file.
     ``None`` means "remove the key". Raises :class:`UsageError` (exit 2)."""
@@ -89,6 +104,8 @@ def normalize(key: str, value: Any, *, cwd: str | None = None) -> Any:
         return parse_positive_int(_scalar(value, key.replace("_", " ")), key.replace("_", " "), maximum=MAX_TASKS)
     if key == "auth":
         return _profile(value)
+    if key == "strict_limits":
+        return parse_bool(value, key)
     if key == "command":
         return list(parse_command(value))
     if key == "env":
@@ -148,6 +165,10 @@ def parse_entry(table: Mapping[str, Any], keys: tuple[str, ...], where: str, pat
         out: dict[str, Any] = {"limits": _parse_limits(table)}
         if "env" in table:
             out["env"] = {k: v for k, v in _env(table["env"]).items() if v is not None}
+        if "strict_limits" in table:
+            if not isinstance(table["strict_limits"], bool):
+                raise UsageError("strict_limits must be true or false")
+            out["strict_limits"] = table["strict_limits"]
         if "max_runs" in table:
             out["max_runs"] = parse_positive_int(_scalar(table["max_runs"], "max runs"), "max runs")
         if "auth" in table:

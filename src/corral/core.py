@@ -422,11 +422,22 @@ class Corral:
 
         return escaped(record.id, record.cgroup)
 
-    def stop_run(self, ref: str, grace: float = 10.0) -> list[int]:
-        """SIGTERM every process of the run, SIGKILL what is left after *grace* seconds."""
+    def stop_run(self, ref: str, grace: float = 10.0, *, notify: Callable[[str], None] | None = None) -> list[int]:
+        """SIGTERM every process of the run, SIGKILL what is left after *grace* seconds.
+        *notify* hears, in a line each, what was sent and whether it came to SIGKILL."""
         grace = parse_duration(grace, allow_zero=True)
         record = self.get(ref).record
-        clean = self.backend.stop(_payload_of(record), grace=grace)
+        on_term = on_escalate = None
+        if notify is not None:
+            rid = record.id
+
+            def on_term(n: int) -> None:
+                notify(f"{rid}: SIGTERM to {n} process(es); SIGKILL after {grace:g}s if any are left")
+
+            def on_escalate(n: int) -> None:
+                notify(f"{rid}: {n} process(es) still running after {grace:g}s: SIGKILL")
+
+        clean = self.backend.stop(_payload_of(record), grace=grace, on_term=on_term, on_escalate=on_escalate)
         self._after_end(record, ended_by="stopped", sig=_signal.SIGTERM if clean else _signal.SIGKILL)
         return []
 

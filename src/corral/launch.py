@@ -158,8 +158,10 @@ def unenforced_limits(limits: dict[str, Any]) -> list[str]:
 
 def _check_strict_limits(spec: RunSpec, limits: dict[str, Any]) -> None:
     if spec.strict_limits and unenforced_limits(limits):
-        raise BackendError("refusing to start (--strict-limits): " + "; ".join(unenforced_limits(limits)),
-                           hint="drop the limit, or delegate the controller (corral doctor says how)")
+        raise BackendError("refusing to start (--strict-limits, or the agent's strict_limits): "
+                           + "; ".join(unenforced_limits(limits)),
+                           hint="drop the limit, delegate the controller (corral doctor says how), "
+                                "or run with --no-strict-limits")
 
 
 def _save_start_record(corral: Corral, record: RunRecord) -> None:

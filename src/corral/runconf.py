@@ -55,6 +55,9 @@ def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | 
         if budget.requested():
             spec_fields["budget"] = budget
     flags = limits or Limits()
+    if spec_fields.get("strict_limits") is None:  # not asked either way: the agent's, else [corral.defaults]
+        source = conf if conf is not None else defaults
+        spec_fields["strict_limits"] = bool(source is not None and source.strict_limits)
     asked = {"level": isolation, "network": network, "user": user}
     spec_fields["isolation"] = Isolation(**_isolation_fields(conf if conf is not None else defaults, asked))
     if conf is None:

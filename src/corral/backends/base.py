@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -203,11 +204,18 @@ class Backend(ABC):
             )
         log.debug("teardown of %s took %.1f ms", cgroup.path, (time.monotonic() - t0) * 1000)
 
-    def stop(self, cgroup: CgroupDir, *, grace: float) -> bool:
-        """SIGTERM everything, wait *grace*, then kill whole. True if SIGTERM sufficed."""
-        cgroup.signal_all(signal.SIGTERM)
+    def stop(self, cgroup: CgroupDir, *, grace: float, on_term: Callable[[int], None] | None = None,
+             on_escalate: Callable[[int], None] | None = None) -> bool:
+        """SIGTERM everything, wait *grace*, then kill whole. True if SIGTERM sufficed.
+        *on_term* hears how many processes got SIGTERM; *on_escalate* how many were still
+        there at the deadline, just before they get SIGKILL."""
+        signalled = cgroup.signal_all(signal.SIGTERM)
+        if on_term is not None:
+            on_term(len(signalled))
         if cgroup.wait_empty(grace):
             return True
+        if on_escalate is not None:
+            on_escalate(len(cgroup.pids()))
         self.teardown(cgroup)
         return False
 
