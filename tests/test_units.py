@@ -39,9 +39,19 @@ def test_sizes(text: str, want: int) -> None:
     assert parse_size(text) == want
 
 
-@pytest.mark.parametrize("text,want", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1.5", 1.5), ("500ms", 0.5)])
+@pytest.mark.parametrize("text,want", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1.5", 1.5), ("500ms", 0.5),
+                                       ("1h30m", 5400), ("2h 30min", 9000), ("1min 30s", 90), ("5 minutes", 300),
+                                       ("2 weeks", 14 * 86400), ("3sec", 3), ("1 hour 5 minutes 3 seconds", 3903),
+                                       ("250msec", 0.25), ("1d 2hr", 93600), ("90", 90)])
 def test_durations(text: str, want: float) -> None:
-    assert parse_duration(text) == want
+    """systemd.time(7)'s spans, in its spellings, alone or summed."""
+    assert parse_duration(text) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("bad", ["1h30", "5mins", "m", "1.5.5", "3 s 2", "h1", "1 fortnight", ""])
+def test_bad_durations(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_duration(bad)
 
 
 @pytest.mark.parametrize("bad", ["lots", "-1", "0", "1x"])

@@ -11,7 +11,19 @@ from .errors import UsageError
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 MAX_DURATION = 366 * 86400.0  # a year: longer is a typo, not a deadline
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+# systemd.time(7)'s time spans (months and years are left out: beyond the one-year cap).
+_DURATION_UNITS = {
+    "": 1,
+    **dict.fromkeys(("us", "usec", "µs", "μs"), 1e-6),
+    **dict.fromkeys(("ms", "msec"), 1e-3),
+    **dict.fromkeys(("s", "sec", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+    **dict.fromkeys(("w", "week", "weeks"), 604800),
+}
+# longest first, so that "min" is not read as "m" + "in", nor "ms" as "m" + "s"
+_UNIT_RE = "|".join(sorted((re.escape(u) for u in _DURATION_UNITS if u), key=len, reverse=True))
 
 
 MAX_SIZE = 1 << 60  # 1 EiB: beyond it the kernel and systemd overflow; it is a typo
@@ -38,16 +50,17 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_duration(text: str | float, *, allow_zero: bool = False) -> float:
-    """``90s``, ``30m``, ``2h``, ``1h30m``, ``1.5`` -> seconds. NaN, infinities, negatives,
-    zero (unless *allow_zero*) and more than a year are a UsageError."""
+    """``90s``, ``30m``, ``2h``, ``1h30m``, ``2h 30min``, ``1.5`` -> seconds: systemd.time's
+    spans (us..weeks, in its spellings). A bare number is seconds. NaN, infinities,
+    negatives, zero (unless *allow_zero*) and more than a year are a UsageError."""
     if isinstance(text, bool):
         raise UsageError(f"invalid duration {text!r}", hint="use e.g. 90s, 30m, 2h, 1h30m")
     if isinstance(text, (int, float)):
         value = float(text)
     else:
         raw = str(text).strip()
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d|w)?\s*", raw)
-        if not raw or not re.fullmatch(r"(?:\d+(?:\.\d+)?\s*(?:ms|s|min|m|h|d|w)?\s*)+", raw) or \
+        parts = re.findall(rf"(\d+(?:\.\d+)?)\s*({_UNIT_RE})?\s*", raw)
+        if not raw or not re.fullmatch(rf"(?:\d+(?:\.\d+)?\s*(?:{_UNIT_RE})?\s*)+", raw) or \
                 (len(parts) > 1 and not all(unit for _n, unit in parts)):
             raise UsageError(f"invalid duration {text!r}", hint="use e.g. 90s, 30m, 2h, 1h30m")
         value = sum(float(n) * _DURATION_UNITS[unit] for n, unit in parts)
