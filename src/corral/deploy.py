@@ -14,12 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from .errors import CorralError, PermissionDenied, translate_oserror
+from .records import atomic_write
 
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 _SYSTEM_ONLY_START = "# >>> system manager only"
@@ -95,7 +95,7 @@ def install_units(*, user: bool = False, prefix: str | None = None, dest: Path |
     try:
         target.mkdir(mode=0o755, parents=True, exist_ok=True)
         for name, template in templates.items():
-            _write_atomically(target / name, render(template, bindir=bindir, docdir=docdir, user=user))
+            atomic_write(target / name, render(template, bindir=bindir, docdir=docdir, user=user).encode(), mode=0o644)
             report.written.append(name)
     except OSError as err:
         raise _deploy_error(err, target, user) from err
@@ -118,23 +118,6 @@ def remove_units(*, user: bool = False, dest: Path | None = None, reload: bool =
         raise _deploy_error(err, target, user) from err
     report.reloaded = reload and bool(report.removed) and _daemon_reload(user)
     return report
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _deploy_error(err: OSError, target: Path, user: bool) -> CorralError:
