@@ -7,43 +7,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from . import __version__
-from .cli_output import WaitProgress, ago, command_line, echo_json, local_time, table
+from .cli_output import WaitProgress, ago, command_line, duration, echo_json, local_time, process_tree, table
 from .cli_params import (
     DURATION_OR_ZERO,
     CommandLineCommand,
+    Ctx,
     complete_agents,
     complete_profiles,
     complete_runs,
     complete_signals,
+    pass_ctx,
 )
 from .errors import CorralError, UsageError
 from .units import parse_env_pairs
-
-if TYPE_CHECKING:
-    from .core import Corral
-
-
-class Ctx:
-    def __init__(self, backend: str | None) -> None:
-        self.backend_name = backend
-        self._corral: Corral | None = None
-
-    @property
-    def corral(self) -> Corral:
-        if self._corral is None:
-            from .core import Corral
-
-            self._corral = Corral(self.backend_name)
-        return self._corral
-
-
-pass_ctx = click.make_pass_decorator(Ctx)
-
 
 EXIT_STATUS = (
     ("0", "success (attached run: the command's own status)"),
@@ -141,6 +122,8 @@ def _settle_lost_runs() -> None:
 @click.option("--network", type=click.Choice(["host", "loopback", "none"]), default=None,
               help="host (default), loopback (own network namespace with lo only), or none.")
 @click.option("--user", metavar="NAME", help="As root: run as NAME (default: the workspace's owner).")
+@click.option("--log-max", metavar="SIZE", help="A detached run's log rotates at SIZE (it keeps one rotated file; "
+                                               "default: the agent's log_max, else 10M).")
 @click.option("--strict-limits/--no-strict-limits", default=None,
               help="Refuse to start (exit 1) if a requested limit would not be enforced here, instead of a "
                    "warning (default: the agent's strict_limits, else off).")
@@ -149,7 +132,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
         lock_timeout: float | None, timeout: str | None, grace: float, keep_leftovers: bool, no_wait: bool,
         auth: tuple[str, ...], cwd: str | None, env_pairs: tuple[str, ...], memory_max: str | None,
         memory_high: str | None, cpu_quota: str | None, tasks_max: str | None, isolation: str | None,
-        network: str | None, user: str | None, strict_limits: bool | None) -> None:
+        network: str | None, user: str | None, log_max: str | None, strict_limits: bool | None) -> None:
     """Run COMMAND for AGENT in its own cgroup (a systemd scope where systemd runs).
 
     corral's options come before AGENT, or between AGENT and a `--`; from the command on,
@@ -176,7 +159,7 @@ def run(c: Ctx, agent: str, command: tuple[str, ...], detach: bool, session: str
         limits=Limits.parse(memory_max=memory_max, memory_high=memory_high, cpu_quota=cpu_quota, tasks_max=tasks_max),
         session=session, lock_timeout=lock_timeout, timeout=timeout, grace=grace, keep_leftovers=keep_leftovers,
         wait_for_slot=not no_wait, isolation=isolation, network=network, user=user, strict_limits=strict_limits,
-        notice=lambda message: click.echo(f"corral: note: {message}", err=True),
+        log_max=log_max, notice=lambda message: click.echo(f"corral: note: {message}", err=True),
     )
     with WaitProgress() as progress:
         handle = c.corral.run(spec, detach=detach, reap_orphans=not detach, hold_signals=not detach,
@@ -245,9 +228,14 @@ def ps(c: Ctx, agents: tuple[str, ...], all_: bool, all_users: bool, quiet: bool
             status += f"({r.exit_code})"
         elif r.signal:
             status += f"(sig {r.signal})"
+        memory = format_bytes(v.memory_bytes)
+        if r.ended:  # its numbers, kept in the record (meter.py)
+            seconds = v.to_json()["duration_s"]
+            if seconds is not None:
+                status += f" after {duration(seconds, precise=True)}"
+            memory = f"{format_bytes(r.peak_memory_bytes)} peak" if r.peak_memory_bytes is not None else "-"
         rows.append([r.id, r.agent, status, str(v.pids if v.pids is not None else "-"),
-                     format_bytes(v.memory_bytes), _fmt_cpu(v.cpu_usec), ago(r.started_at),
-                     command_line(r.argv)])
+                     memory, _fmt_cpu(v.cpu_usec), ago(r.started_at), command_line(r.argv)])
     table(rows, ["ID", "AGENT", "STATE", "PIDS", "MEM", "CPU", "STARTED", "COMMAND"], no_trunc=no_trunc)
 
 
@@ -270,11 +258,12 @@ def show(c: Ctx, run_refs: tuple[str, ...], utc: bool, as_json: bool) -> None:
 
 
 def _show_data(c: Ctx, run_ref: str) -> dict[str, Any]:
+    from .records import END_STATES
+
     view = c.corral.view(run_ref)
     data = view.to_json()
     data["cgroup"] = view.record.cgroup
-    data["processes"] = c.corral.processes(run_ref) if view.state not in ("exited", "failed", "killed", "timeout",
-                                                                         "lost") else []
+    data["processes"] = c.corral.processes(run_ref) if view.state not in END_STATES else []
     data["limits"] = view.record.limits
     data["log"] = view.record.log
     data["inspect"] = _inspect_hints(view.record)
@@ -282,6 +271,7 @@ def _show_data(c: Ctx, run_ref: str) -> dict[str, Any]:
 
 
 def _print_show(data: dict[str, Any], *, utc: bool) -> None:
+    from .records import END_STATES
     from .units import format_bytes, format_limit
 
     def line(key: str, value: Any) -> None:
@@ -297,7 +287,13 @@ def _print_show(data: dict[str, Any], *, utc: bool) -> None:
         if data.get(key) is not None:
             line(key, data[key])
     line("command", command_line(data["argv"]))
-    line("memory", f"{format_bytes(data['memory_bytes'])} ({data.get('memory_source') or '-'})")
+    if data["state"] in END_STATES:
+        if data.get("peak_memory_bytes") is not None:
+            line("memory", f"{format_bytes(data['peak_memory_bytes'])} at its peak ({data['peak_memory_source']})")
+        if data.get("duration_s") is not None:
+            line("duration", duration(data["duration_s"], precise=True))
+    else:
+        line("memory", f"{format_bytes(data['memory_bytes'])} ({data.get('memory_source') or '-'})")
     line("cpu", _fmt_cpu(data["cpu_usec"]))
     effective = (data["limits"] or {}).get("effective") or {}
     for key, entry in effective.items():
@@ -306,8 +302,7 @@ def _print_show(data: dict[str, Any], *, utc: bool) -> None:
                              f"effective {format_limit(key, entry.get('effective'))}{note}")
     if data["processes"]:
         click.echo("processes:")
-        for p in data["processes"]:
-            click.echo(f"  {p['pid']:>7} {p['ppid'] or '-':>7} {p['role']:6} {command_line(p['argv'])[:100]}")
+        process_tree(data["processes"])
     iso = data.get("isolation")
     if iso:
         who = f"uid {iso.get('uid')}" + (f" ({iso['user']})" if iso.get("user") else "")
@@ -324,7 +319,10 @@ def _inspect_hints(record: Any) -> list[str]:
     if record.backend == "systemd":
         user = " --user" if "/user@" in record.cgroup else ""
         cgls = "--user-unit" if user else "--unit"
-        return [f"systemctl{user} status {record.unit}", f"systemd-cgls {cgls} {record.unit}"]
+        hints = [f"systemctl{user} status {record.unit}", f"systemd-cgls {cgls} {record.unit}"]
+        if record.journal:
+            hints.append(f"journalctl {cgls} {record.unit}")
+        return hints
     return [f"cat {record.cgroup}/cgroup.procs"]
 
 
@@ -448,18 +446,6 @@ def wait(c: Ctx, run_refs: tuple[str, ...], timeout: float | None) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN", shell_complete=complete_runs)
-@click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
-@pass_ctx
-def logs(c: Ctx, run_ref: str, follow: bool) -> None:
-    """Print the output of a detached RUN."""
-    out = sys.stdout.buffer
-    for chunk in c.corral.logs(run_ref, follow=follow):
-        out.write(chunk)
-        out.flush()
-
-
-@cli.command()
 @click.argument("run_refs", metavar="RUN...", nargs=-1, required=True, shell_complete=complete_runs)
 @pass_ctx
 def pause(c: Ctx, run_refs: tuple[str, ...]) -> None:
@@ -561,6 +547,11 @@ cli.add_command(_broker)
 from .cli_deploy import install_units as _install_units
 
 cli.add_command(_install_units)
+
+
+from .cli_logs import logs as _logs
+
+cli.add_command(_logs)
 
 
 def main(argv: list[str] | None = None) -> None:

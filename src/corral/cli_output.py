@@ -84,9 +84,14 @@ def ago(stamp: str | None, now: float | None = None) -> str:
     return f"{duration(seconds)} ago"
 
 
-def duration(seconds: float) -> str:
-    """``45s``, ``3m``, ``2h5m``, ``3d4h``: the two largest units that matter."""
+def duration(seconds: float, *, precise: bool = False) -> str:
+    """``45s``, ``3m``, ``2h5m``, ``3d4h``: the two largest units that matter. *precise*:
+    under a minute to a tenth of a second, and minutes with their seconds (how long a run took)."""
     s = int(seconds)
+    if precise and s < 60:
+        return f"{seconds:.1f}s"
+    if precise and s < 3600:
+        return f"{s // 60}m{s % 60}s"
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -96,6 +101,42 @@ def duration(seconds: float) -> str:
         return f"{h}h{m}m" if m else f"{h}h"
     d, h = divmod(s // 3600, 24)
     return f"{d}d{h}h" if h else f"{d}d"
+
+
+def process_tree(processes: Sequence[dict[str, Any]]) -> None:
+    """A run's processes as a tree (as ``ps f`` / systemd-cgls draw it): each below its
+    parent, with role, resident memory and CPU time. Processes whose parent is not in
+    the run (the watchdog, an orphan) start trees of their own."""
+    from .units import format_bytes
+
+    pids = {p["pid"] for p in processes}
+    children: dict[int | None, list[dict[str, Any]]] = {}
+    for p in processes:
+        children.setdefault(p["ppid"] if p["ppid"] in pids else None, []).append(p)
+    rows: list[list[str]] = []
+
+    def walk(parent: int | None, prefix: str, seen: set[int]) -> None:
+        kids = sorted(children.get(parent, []), key=lambda p: p["pid"])
+        for i, p in enumerate(kids):
+            if p["pid"] in seen:
+                continue  # a pid reused while we read: never loop
+            last = i == len(kids) - 1
+            branch = "" if parent is None else ("\u2514\u2500 " if last else "\u251c\u2500 ")
+            cpu = "-" if p.get("cpu_s") is None else f"{p['cpu_s']:.1f}s"
+            rows.append([str(p["pid"]), p["role"], format_bytes(p.get("rss_bytes")), cpu,
+                         prefix + branch + command_line(p["argv"] or ["?"])])
+            walk(p["pid"], prefix + ("" if parent is None else ("   " if last else "\u2502  ")), seen | {p["pid"]})
+
+    walk(None, "", set())
+    lines: list[str] = []
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(("PID", "ROLE", "RSS", "CPU"))]
+    width = _terminal_width()
+    for row in [["PID", "ROLE", "RSS", "CPU", "COMMAND"], *rows]:
+        text = "  " + "  ".join(c.rjust(w) if i in (0, 2, 3) else c.ljust(w)
+                                for i, (c, w) in enumerate(zip(row, widths))) + "  " + row[4]
+        lines.append(ellipsize(text, width) if width else text)
+    for text in lines:
+        click.echo(text.rstrip())
 
 
 class WaitProgress:

@@ -4,12 +4,35 @@ functions the library uses (units.py), so the CLI and the API accept the same in
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .errors import UsageError
 from .units import parse_duration
+
+if TYPE_CHECKING:
+    from .core import Corral
+
+
+class Ctx:
+    """What every command gets: the library front, made on first use (``--help`` and
+    completion never open a backend)."""
+
+    def __init__(self, backend: str | None) -> None:
+        self.backend_name = backend
+        self._corral: Corral | None = None
+
+    @property
+    def corral(self) -> Corral:
+        if self._corral is None:
+            from .core import Corral
+
+            self._corral = Corral(self.backend_name)
+        return self._corral
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in click's stubs of 8.2+

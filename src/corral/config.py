@@ -68,6 +68,7 @@ class AgentConfig:
     strict_limits: bool | None = None  # refuse to run where a limit would not be enforced
     max_runs: int | None = None
     auth: str | None = None
+    log_max: int | None = None  # bytes at which a detached run's log rotates
     isolation: str | None = None  # none | standard | strict
     network: str | None = None  # host | loopback | none
     user: str | None = None  # who a root-started run executes as
@@ -82,13 +83,13 @@ class AgentConfig:
         limits = Limits(**{k: getattr(self.limits, k) if getattr(self.limits, k) is not None else getattr(d.limits, k)
                            for k in LIMIT_KEYS})
         own = {k: getattr(self, k) if getattr(self, k) is not None else getattr(d, k)
-               for k in ("strict_limits", "max_runs", "auth", *ISOLATION_KEYS)}
+               for k in ("strict_limits", "max_runs", "auth", "log_max", *ISOLATION_KEYS)}
         return replace(self, env={**d.env, **self.env}, limits=limits, **own)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "workspace": self.workspace,
                 "command": list(self.command) if self.command else None, "env": dict(self.env), **self.limits.__dict__,
-                "strict_limits": self.strict_limits, "max_runs": self.max_runs, "auth": self.auth,
+                "strict_limits": self.strict_limits, "max_runs": self.max_runs, "auth": self.auth, "log_max": self.log_max,
                 **{k: list(v) if isinstance(v, tuple) else v for k in ISOLATION_KEYS for v in [getattr(self, k)]},
                 "worktree": self.worktree.to_toml() if self.worktree else None}
 
@@ -100,6 +101,7 @@ class Defaults:
     strict_limits: bool | None = None
     max_runs: int | None = None
     auth: str | None = None
+    log_max: int | None = None
     isolation: str | None = None
     network: str | None = None
     user: str | None = None

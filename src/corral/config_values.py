@@ -19,14 +19,14 @@ from tomlkit.items import AoT, Table
 from .errors import ConfigError, UsageError
 from .paths import current_dir
 from .spec import Limits
-from .units import MAX_TASKS, parse_percent, parse_positive_int, parse_size
+from .units import MAX_TASKS, parse_log_max, parse_percent, parse_positive_int, parse_size
 from .worktree import Worktree
 
 LIMIT_KEYS = ("memory_max", "memory_high", "cpu_quota", "tasks_max")
 ISOLATION_KEYS = ("isolation", "network", "user", "env_passthrough", "rw_paths", "home_ro")
-AGENT_KEYS = ("workspace", "command", "env", *LIMIT_KEYS, "strict_limits", "max_runs", "auth", *ISOLATION_KEYS,
-              "worktree")
-DEFAULT_KEYS = ("env", *LIMIT_KEYS, "strict_limits", "max_runs", "auth", *ISOLATION_KEYS)  # [corral.defaults]
+AGENT_KEYS = ("workspace", "command", "env", *LIMIT_KEYS, "strict_limits", "max_runs", "auth", "log_max",
+              *ISOLATION_KEYS, "worktree")
+DEFAULT_KEYS = ("env", *LIMIT_KEYS, "strict_limits", "max_runs", "auth", "log_max", *ISOLATION_KEYS)  # [corral.defaults]
 SETTABLE_KEYS = tuple(k for k in AGENT_KEYS if k != "worktree")  # `agents set KEY=VALUE`
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -95,6 +95,9 @@ def normalize(key: str, value: Any, *, cwd: str | None = None) -> Any:
     ``None`` means "remove the key". Raises :class:`UsageError` (exit 2)."""
     if value is None:
         return None
+    if key == "log_max":
+        parse_log_max(_scalar(value, "log_max"))
+        return value.strip() if isinstance(value, str) else value
     if key in ("memory_max", "memory_high"):
         parse_size(_scalar(value, key.replace("_", " ")))
         return value.strip() if isinstance(value, str) else value  # keep "2G" as the user wrote it
@@ -169,6 +172,8 @@ def parse_entry(table: Mapping[str, Any], keys: tuple[str, ...], where: str, pat
             if not isinstance(table["strict_limits"], bool):
                 raise UsageError("strict_limits must be true or false")
             out["strict_limits"] = table["strict_limits"]
+        if "log_max" in table:
+            out["log_max"] = parse_log_max(_scalar(table["log_max"], "log_max"))
         if "max_runs" in table:
             out["max_runs"] = parse_positive_int(_scalar(table["max_runs"], "max runs"), "max runs")
         if "auth" in table:

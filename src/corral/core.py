@@ -31,6 +31,7 @@ from .units import parse_duration
 
 if TYPE_CHECKING:
     from .gc import GcReport
+    from .runlog import Line
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class RunView:
             "memory_bytes": self.memory_bytes,
             "memory_source": self.memory_source,
             "cpu_usec": self.cpu_usec,
+            "peak_memory_bytes": r.peak_memory_bytes,
+            "peak_memory_source": r.peak_memory_source,
+            "duration_s": _duration(r),
             "started_at": r.started_at,
             "ended_at": r.ended_at,
             "exit_code": r.exit_code,
@@ -67,6 +71,7 @@ class RunView:
             "argv": list(r.argv),
             "cwd": r.cwd,
             "detached": r.detached,
+            "journal": r.journal,
             "adopted": r.adopted,
             "problem": r.problem,
             "isolation": r.isolation or None,
@@ -271,7 +276,7 @@ class Corral:
     def _view(self, record: RunRecord) -> RunView:
         record = self._reconcile(record)
         if record.ended:
-            return RunView(record, record.state, 0, None, None)
+            return RunView(record, record.state, 0, None, record.cpu_usec)
         cg = CgroupDir(Path(record.cgroup))
         ev = _payload_of(record).events()
         usage = self.backend.usage(cg)
@@ -298,8 +303,11 @@ class Corral:
         return self._view(self.get(ref).record)
 
     def processes(self, ref: str) -> list[dict[str, Any]]:
-        """Every process in the run's scope: ``main``, its ``child`` processes, and ``corral``
-        (the watchdog, and a detached run's owner, in the ``supervisor`` leaf)."""
+        """Every process in the run's scope, each with its ``ppid``, ``argv``, resident memory
+        (``rss_bytes``), CPU time (``cpu_s``, user + system) and ``role``: ``main`` (the
+        command), ``command`` (what it started), ``leftover`` (in the payload, no longer
+        below main: orphaned, or left behind), ``sandbox`` (bwrap and its init) and
+        ``corral`` (the watchdog, and a detached run's owner, in ``supervisor/``)."""
         import psutil
 
         run = self.get(ref)
@@ -308,7 +316,7 @@ class Corral:
         roles = {pid: "corral" for pid in scope.supervisor.pids()}
         payload = scope.payload if scope.payload.exists() else scope
         for pid in payload.pids():
-            roles[pid] = "main" if pid == run.record.main_pid else "child"
+            roles[pid] = "leftover"
         for pid in sorted(roles):
             try:
                 proc = psutil.Process(pid)
@@ -316,21 +324,37 @@ class Corral:
                     argv = proc.cmdline()
                     while argv and not argv[-1]:
                         argv.pop()  # a retitled owner (procs.set_process_title) pads with NULs
-                    entry: dict[str, Any] = {"pid": pid, "ppid": proc.ppid(), "argv": argv}
+                    times = proc.cpu_times()
+                    entry: dict[str, Any] = {"pid": pid, "ppid": proc.ppid(), "argv": argv,
+                                             "rss_bytes": proc.memory_info().rss,
+                                             "cpu_s": round(times.user + times.system, 2)}
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 continue
             except psutil.AccessDenied:
-                entry = {"pid": pid, "ppid": None, "argv": []}
+                entry = {"pid": pid, "ppid": None, "argv": [], "rss_bytes": None, "cpu_s": None}
             entry["role"] = roles[pid]
             out.append(entry)
+        main = run.record.main_pid
         if (run.record.isolation or {}).get("level") not in (None, "none"):
             # main is bwrap; its child is the namespace's init; the init's child is the command
-            inits = {e["pid"] for e in out if e["ppid"] == run.record.main_pid}
+            inits = {e["pid"] for e in out if e["ppid"] == main}
             for e in out:
-                if e["pid"] == run.record.main_pid or e["pid"] in inits:
+                if e["pid"] == main or e["pid"] in inits:
                     e["role"] = "sandbox"
-                elif e["ppid"] in inits:
-                    e["role"] = "main"
+            commands = [e["pid"] for e in out if e["ppid"] in inits]
+            main = commands[0] if commands else None
+        parent = {e["pid"]: e["ppid"] for e in out}
+        for e in out:
+            if e["role"] != "leftover":
+                continue
+            if e["pid"] == main:
+                e["role"] = "main"
+                continue
+            up, seen = e["ppid"], 0
+            while up in parent and up != main and seen < len(parent):
+                up, seen = parent[up], seen + 1
+            if main is not None and up == main:
+                e["role"] = "command"
         return out
 
     def targets(self, target: str | None, *, all_runs: bool = False, all_users: bool = False,
@@ -496,28 +520,69 @@ class Corral:
                 record = self._reconcile(self.store.load(record.id) or record)
         return record
 
-    def logs(self, ref: str, *, follow: bool = False) -> Iterator[bytes]:
+    def log_lines(self, ref: str, *, follow: bool = False, tail: int | None = None, since: str | None = None,
+                  stream: str | None = None) -> Iterator[Line]:
+        """A detached run's output, line by line (runlog.py): the last *tail* lines, those
+        from *since* (ISO 8601 UTC) on, of one *stream* (``stdout``/``stderr``); with
+        *follow*, then what it prints until it ends (an unfinished line as it comes, as a
+        ``Line`` with ``newline=False``)."""
+        from .runlog import CAUGHT_UP, Line, LineAssembler, parse_record, records, since_filter
+
         record = self.get(ref).record
         if not record.log:
             raise NotFound(f"run {record.id} has no log: it ran attached, its output went to the terminal")
-        try:
-            f = open(record.log, "rb")  # noqa: SIM115 -- opened apart from `with` so that only open() maps to NotFound
-        except FileNotFoundError:
-            raise NotFound(f"log of run {record.id} is gone ({record.log})") from None
-        with f:
-            while True:
-                chunk = f.read(65536)
-                if chunk:
-                    yield chunk
-                    continue
-                if not follow:
-                    return
-                if self._reconcile(self.store.load(record.id) or record).ended:
-                    rest = f.read()
-                    if rest:
-                        yield rest
-                    return
-                time.sleep(0.1)
+        path = Path(record.log)
+        if not path.exists() and not path.with_name(path.name + ".1").exists() and \
+                (record.ended or not follow):
+            raise NotFound(f"log of run {record.id} is gone ({record.log})")
+
+        def ended() -> bool:
+            return self._reconcile(self.store.load(record.id) or record).ended
+
+        def wanted(line: Line) -> bool:
+            return stream is None or line.stream == stream
+
+        assembler = LineAssembler()
+        backlog: list[Line] = []
+        live = False
+        for raw in records(path, follow=follow, ended=ended):
+            if raw is CAUGHT_UP:
+                backlog.extend(assembler.rest())
+                picked = [line for line in backlog if wanted(line)]
+                if since is not None:
+                    picked = list(since_filter(picked, since))
+                if tail is not None:
+                    picked = picked[len(picked) - tail:] if tail else []
+                yield from picked
+                backlog, live = [], True
+            elif live:
+                stamp, name, data, newline = parse_record(raw)
+                line = Line(stamp, name, data, newline)
+                if wanted(line):
+                    yield line
+            else:
+                done = assembler.feed(raw)
+                if done is not None:
+                    backlog.append(done)
+
+    def logs(self, ref: str, *, follow: bool = False) -> Iterator[bytes]:
+        """A detached run's output as it printed it (both streams, in order)."""
+        for line in self.log_lines(ref, follow=follow):
+            yield line.data + b"\n" if line.newline else line.data
+
+
+def _duration(record: RunRecord) -> float | None:
+    """Seconds from start to end (to now for a live run), to the millisecond."""
+    from datetime import UTC, datetime
+
+    if not record.started_at:
+        return None
+    try:
+        start = datetime.fromisoformat(record.started_at)
+        end = datetime.fromisoformat(record.ended_at) if record.ended_at else datetime.now(UTC)
+    except ValueError:
+        return None
+    return round(max((end - start).total_seconds(), 0.0), 3)
 
 
 def _whose(cgroup: CgroupDir) -> str:

@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cgroup import CgroupDir, join
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .auth.runauth import RunAuth
     from .core import Corral
     from .isolation import Sandbox
+    from .runlog import OutputPump
     from .spawn import HeldChild
     from .terminal import PtyRelay
 
@@ -417,12 +419,18 @@ def _detached_owner(corral: Corral, spec: RunSpec, record: RunRecord, cgroup: Cg
     limits = json.loads(line[1:] or b"{}")
     join(str(cgroup.supervisor.path))
     set_child_subreaper()
+    # The command's stdout and stderr are pipes to us: kept apart in the log (runlog.py).
+    # Our own messages (a warning, a traceback) go to the log file as they are.
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
         # The watchdog inherits supervisor/ from us; main joins payload/.
-        main, watchdog, wd_fd, sandbox, _relay = _fork_pair(corral, spec, record, cgroup, stdio=(0, 1, 2),
+        main, watchdog, wd_fd, sandbox, _relay = _fork_pair(corral, spec, record, cgroup, stdio=(0, out_w, err_w),
                                                             join_supervisor=False)
         watchdog.release()
         main.release()
+        os.close(out_w)
+        os.close(err_w)  # the pipes end when the command's last process does
     except CorralError as err:
         os.write(report_w, f"err {getattr(err, 'errno', 0)}\n".encode())
         corral.store.save_or_warn(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso(),
@@ -430,10 +438,12 @@ def _detached_owner(corral: Corral, spec: RunSpec, record: RunRecord, cgroup: Cg
                                   f"run {record.id} did not start; its record could not say so")
         cgroup.kill()
         os._exit(1)
+    output = _start_output(corral, spec, record, {out_r: "stdout", err_r: "stderr"})
     running = record.replace(
         state="running", main_pid=main.pid, owner_pid=os.getpid(), owner_start=process_start(os.getpid()),
         helper_pids=[os.getpid(), watchdog.pid], started_at=now_iso(),
         limits={"requested": spec.limits.requested(), "effective": limits}, isolation=sandbox.describe(),
+        journal=output.journal is not None,
     )
     for lease in leases:
         lease.update_holder(owner_pid=os.getpid(), main_pid=main.pid)
@@ -453,11 +463,33 @@ def _detached_owner(corral: Corral, spec: RunSpec, record: RunRecord, cgroup: Cg
         reap_orphans=True, keep_leftovers=spec.keep_leftovers, sandboxed=sandbox.active,
     )
     owner.leases = leases
+    owner.output = output
     if run_auth is not None:
         owner.services = run_auth
         run_auth.start()
     owner.wait(handle_signals=True)
     os._exit(0)
+
+
+def _start_output(corral: Corral, spec: RunSpec, record: RunRecord,
+                  pipes: dict[int, str]) -> OutputPump:  # pragma: no cover - runs in the forked owner
+    """The thread that writes the command's output to its log (and, on systemd, the journal)."""
+    from .runlog import LogFile, OutputPump, open_journal
+    from .units import DEFAULT_LOG_MAX
+
+    def point_stdio(fd: int) -> None:  # after a rotation our own messages follow the new file
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+
+    log = LogFile(Path(record.log or corral.store.log_path(record.id)), int(spec.log_max or DEFAULT_LOG_MAX),
+                  on_reopen=point_stdio)
+    journal = None
+    if corral.backend.name == "systemd":
+        journal = open_journal(run_id=record.id, agent=record.agent, unit=record.unit, argv0=spec.argv[0],
+                               user_mode="/user@" in record.cgroup)
+    pump = OutputPump(pipes, log, journal)
+    pump.start()
+    return pump
 
 
 def _backstop(timeout: float | None) -> float | None:

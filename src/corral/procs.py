@@ -85,3 +85,17 @@ def set_process_title(title: str) -> bool:
     ctypes.memset(start, 0, size)
     ctypes.memmove(start, data, len(data))
     return True
+
+
+def rss_sum(pids: list[int]) -> int:
+    """Sum of resident memory over *pids* from /proc/PID/statm (what psutil reads, without
+    building a Process object per pid: `ps` does this for every run)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile
+    return total

@@ -59,6 +59,11 @@ class RunRecord:
     adopted: bool = False  # found live by name, with no (usable) record of ours
     problem: str | None = None  # why an adopted run has no usable record
     grants: list[str] = field(default_factory=list)  # auth profiles the broker serves this run
+    journal: bool = False  # its output also went to the journal (runlog.py)
+    # What it used, recorded at its end (meter.py): an ended run keeps its numbers.
+    peak_memory_bytes: int | None = None
+    peak_memory_source: str | None = None  # memory.peak | sampled
+    cpu_usec: int | None = None
 
     @property
     def ended(self) -> bool:
@@ -104,7 +109,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "owner_pid": _OPT_INT, "owner_start": (int, float, type(None)), "helper_pids": (list,), "started_at": _OPT_STR,
     "ended_at": _OPT_STR, "exit_code": _OPT_INT, "signal": _OPT_INT, "ended_by": _OPT_STR,
     "leftovers_killed": _OPT_INT, "timeout": (int, float, type(None)), "log": _OPT_STR, "limits": (dict,),
-    "isolation": (dict,), "adopted": (bool,), "problem": _OPT_STR, "grants": (list,),
+    "isolation": (dict,), "adopted": (bool,), "problem": _OPT_STR, "grants": (list,), "journal": (bool,),
+    "peak_memory_bytes": _OPT_INT, "peak_memory_source": _OPT_STR, "cpu_usec": _OPT_INT,
 }
 
 
@@ -293,7 +299,8 @@ class RecordStore:
         return removed
 
     def delete(self, run_id: str) -> None:
-        for path in (self.path(run_id), self.log_path(run_id), self.lost_path(run_id)):
+        log = self.log_path(run_id)
+        for path in (self.path(run_id), log, log.with_name(log.name + ".1"), self.lost_path(run_id)):
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -58,6 +58,9 @@ def resolve_run(dirs: Dirs, agent: str, *, argv: Sequence[str] = (), cwd: str | 
     if spec_fields.get("strict_limits") is None:  # not asked either way: the agent's, else [corral.defaults]
         source = conf if conf is not None else defaults
         spec_fields["strict_limits"] = bool(source is not None and source.strict_limits)
+    if spec_fields.get("log_max") is None:
+        source = conf if conf is not None and conf.log_max is not None else defaults
+        spec_fields["log_max"] = getattr(source, "log_max", None)
     asked = {"level": isolation, "network": network, "user": user}
     spec_fields["isolation"] = Isolation(**_isolation_fields(conf if conf is not None else defaults, asked))
     if conf is None:

@@ -13,6 +13,7 @@ from .names import validate_agent
 from .units import (
     MAX_TASKS,
     parse_duration,
+    parse_log_max,
     parse_percent,
     parse_positive_int,
     parse_size,
@@ -67,6 +68,7 @@ class RunSpec:
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
     keep_leftovers: bool = False  # let processes main left behind end on their own
     strict_limits: bool = False  # refuse to start where a requested limit would not be enforced
+    log_max: int | str | None = None  # a detached run's log rotates at this size (runlog.py; default 10M)
     isolation: Isolation = field(default_factory=Isolation)  # the boundary around the run
     # Auth profiles granted to the run (auth/runauth.py): each is written in the form its
     # kind's CLI reads, and the run's broker socket serves these and no others.
@@ -96,6 +98,8 @@ class RunSpec:
         if self.lock_timeout is not None:
             object.__setattr__(self, "lock_timeout", parse_duration(self.lock_timeout, allow_zero=True))
         object.__setattr__(self, "grace", parse_duration(self.grace, allow_zero=True))
+        if self.log_max is not None:
+            object.__setattr__(self, "log_max", parse_log_max(self.log_max))
         if self.session is not None and not str(self.session).strip():
             raise UsageError("empty session name", hint="give a name, e.g. --session pr-42, or leave it out")
         if not self.argv[0]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .cgroup import CgroupDir
+from .meter import RunMeter
 from .records import RunRecord, now_iso
 from .spawn import exit_code_of
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from ._flock import HeldLock
     from .backends import Backend
     from .records import RecordStore
+    from .runlog import OutputPump
     from .terminal import PtyRelay
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -123,6 +125,8 @@ class Owner:
         self.outcome: Outcome | None = None
         self.leases: list[HeldLock] = []  # session leases held for the run, released once it is torn down
         self.services: Any = None  # the run's auth (auth/runauth.py): served while it lives, closed at its end
+        self.output: OutputPump | None = None  # a detached run's log writer (runlog.py): finished before the end record
+        self.meter = RunMeter(self.payload)  # peak memory, CPU time: the ended run's numbers
         # What the one waiting should hear while it waits (the CLI prints it): a grace
         # that ran out, a deadline that struck. The library stays silent by default.
         self.notify: Any = lambda message: None
@@ -174,7 +178,9 @@ class Owner:
                 now = time.monotonic()
                 if until is not None and now >= until:
                     return None
-                deadlines = [d for d in (timeout_at, grace_at, until) if d is not None]
+                if now >= self.meter.next_at:
+                    self.meter.sample()
+                deadlines = [d for d in (timeout_at, grace_at, until, self.meter.next_at) if d is not None]
                 # poll(2) takes at most 2^31-1 ms: wake at least hourly on a long deadline
                 wait_ms = min(max(0.0, min(deadlines) - now), 3600.0) * 1000 if deadlines else None
                 events = dict(poller.poll(wait_ms))
@@ -265,7 +271,12 @@ class Owner:
         if self.keep_leftovers and ended_by == "exited" and self.payload.events().populated:
             self._drain(exit_code, sig)
         leftovers = max(len(self._leftovers()), self._killed_others)
+        if leftovers:
+            self.meter.sample()  # what main left may be most of it
         self.backend.teardown(self.payload)
+        if self.output is not None:
+            self.output.finish()  # all of the output is in the log before the record says "ended"
+            self.output = None
         if self.services is not None:
             self.services.close()  # nothing of the run is left to ask for a token
             self.services = None
@@ -283,6 +294,7 @@ class Owner:
             signal=sig,
             ended_at=now_iso(),
             leftovers_killed=leftovers,
+            **self.meter.final(),
         )
         _tell_watchdog_done(self.watchdog_fd)
         self._reap(self.watchdog_pid)

@@ -49,6 +49,22 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+MIN_LOG_MAX = 4096
+DEFAULT_LOG_MAX = 10 << 20  # per file; a run's log takes at most twice this
+
+
+def parse_log_max(value: str | int) -> int:
+    """``log_max``: the size at which a run's log is rotated (its log takes at most twice it)."""
+    try:
+        size = parse_size(value)
+    except UsageError as err:
+        raise UsageError(f"log_max: {err.message}", hint=f"a size of at least {MIN_LOG_MAX // 1024}K, e.g. 10M") \
+            from None
+    if size < MIN_LOG_MAX:
+        raise UsageError(f"log_max {value!r} is too small", hint=f"at least {MIN_LOG_MAX // 1024}K, e.g. 10M")
+    return size
+
+
 def parse_duration(text: str | float, *, allow_zero: bool = False) -> float:
     """``90s``, ``30m``, ``2h``, ``1h30m``, ``2h 30min``, ``1.5`` -> seconds: systemd.time's
     spans (us..weeks, in its spellings). A bare number is seconds. NaN, infinities,

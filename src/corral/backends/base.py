@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from ..cgroup import CgroupDir, find_v1_mount
 from ..errors import TeardownIncomplete
 from ..names import agent_slice, parse_agent_slice, parse_scope_name, scope_name
+from ..procs import rss_sum
 from ..spec import Limits
 
 log = logging.getLogger("corral")
@@ -166,7 +167,7 @@ class Backend(ABC):
         source = "cgroup"
         if memory is None:
             # memory is not a v2 controller here (hybrid layout): sum the processes' RSS.
-            memory, source = _rss_sum(pids), "procfs-rss"
+            memory, source = rss_sum(pids), "procfs-rss"
         return Usage(pids=len(pids), memory_bytes=memory, cpu_usec=cgroup.cpu_usec(), memory_source=source)
 
     def effective_limits(self, cgroup: CgroupDir, limits: Limits, unit_values: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -281,17 +282,3 @@ def _relative_cgroup(path: Path) -> str | None:
         return str(path.relative_to(mount))
     except ValueError:
         return None
-
-
-def _rss_sum(pids: list[int]) -> int | None:
-    """Sum of resident memory over *pids* from /proc/PID/statm (what psutil reads, without
-    building a Process object per pid: `ps` does this for every run)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * page
-        except (OSError, ValueError, IndexError):
-            pass  # gone meanwhile
-    return total
