@@ -120,8 +120,9 @@ def show(name: str, as_json: bool) -> None:
 @click.argument("name", shell_complete=complete_agents)
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
 def set_(name: str, assignments: tuple[str, ...]) -> None:
-    """Change keys of agent NAME: workspace, memory_max, memory_high, cpu_quota, tasks_max,
-    max_runs, auth, env.VAR. An empty value removes the key (KEY=)."""
+    """Change keys of agent NAME: workspace, command, memory_max, memory_high, cpu_quota,
+    tasks_max, strict_limits, max_runs, auth, log_max, isolation, network, user,
+    env_passthrough, rw_paths, home_ro, env.VAR. An empty value removes the key (KEY=)."""
     from .config import open_store, parse_assignments, set_agent
 
     set_agent(open_store(Dirs.from_env()), name, parse_assignments(assignments))

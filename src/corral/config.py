@@ -9,6 +9,7 @@
     [corral.defaults]         # for every agent that does not set its own
     memory_max = "2G"
     max_runs = 2
+    log_max = "10M"           # a detached run's log rotates here (it keeps one rotated file)
 
     [agents.lane1]
     workspace = "/home/me/src/app"
