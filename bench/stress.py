@@ -1267,6 +1267,26 @@ def _option_values() -> Any:
     return st.one_of(st.sampled_from(_NASTY), number, duration, text)
 
 
+def _cap_top(args: list[str]) -> list[str]:
+    """`top` takes N frames DELAY apart (piped, one frame when neither is given): a valid
+    `-n 10**20` or `-d 2w` is a long wait by request, not a hang. Such values are capped
+    (3 frames, 0.2 s); every junk value still goes through as drawn."""
+    from corral.errors import UsageError
+    from corral.units import parse_duration
+
+    out = list(args)
+    for i, tok in enumerate(out[:-1]):
+        value = out[i + 1]
+        try:
+            if tok in ("-n", "--iterations") and int(value) > 3:
+                out[i + 1] = "3"
+            elif tok in ("-d", "--delay") and parse_duration(value) > 0.2:
+                out[i + 1] = "0.2"
+        except (ValueError, UsageError):  # junk: passed as drawn, for top to refuse
+            pass
+    return out
+
+
 def scenario_options(h: Harness, scale: float) -> list[Result]:
     """Each option of each command, given junk or edge values (and junk positional
     arguments), drawn by hypothesis (derandomized: the same on every run): whatever it is,
@@ -1293,6 +1313,8 @@ def scenario_options(h: Harness, scale: float) -> list[Result]:
             # never the host's /etc/systemd/system (nor a junk --dest in the cwd): the last
             # --dest wins, and no daemon-reload of the machine's manager
             args += ["--dest", str(Path(env["XDG_STATE_HOME"]).parent / "units"), "--no-reload"]
+        if path == ["top"]:
+            args = _cap_top(args)
         res.trials += 1
         out = h.cli_within(res, env, *args)
         if out is None:

@@ -94,6 +94,18 @@ def run_of(pid: int | str) -> tuple[str, str] | None:
     return None
 
 
+def parse_pressure(text: str) -> dict[str, dict[str, float]]:
+    """A PSI file (``some avg10=0.12 avg60=... total=N`` / ``full ...``, as in
+    /proc/pressure/* and a cgroup's ``*.pressure``) as ``{"some": {"avg10": 0.12, ...}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        kind, *fields = line.split()
+        out[kind] = {k: float(v) for k, _, v in (f.partition("=") for f in fields)}
+    return out
+
+
 PAYLOAD = "payload"  # the command and everything it starts
 SUPERVISOR = "supervisor"  # corral's own processes for the run (watchdog, detached owner)
 
@@ -209,6 +221,16 @@ class CgroupDir:
         try:
             return int(text.split()[0])
         except (ValueError, IndexError):
+            return None
+
+    def pressure(self, resource: str) -> dict[str, dict[str, float]] | None:
+        """``cpu.pressure``/``memory.pressure``/``io.pressure`` (PSI) as ``{"some": {"avg10":
+        ..., "avg60": ..., "avg300": ..., "total": ...}, "full": {...}}``; None where the
+        file is absent (no PSI, a cgroup that is gone). cgroup v2 keeps these per cgroup
+        whether or not the controller itself is enabled there (hybrid hosts included)."""
+        try:
+            return parse_pressure(self._read(f"{resource}.pressure"))
+        except (OSError, ValueError):
             return None
 
     def controllers(self) -> set[str]:

@@ -549,6 +549,11 @@ from .cli_deploy import install_units as _install_units
 cli.add_command(_install_units)
 
 
+from .cli_top import top as _top
+
+cli.add_command(_top)
+
+
 from .cli_logs import logs as _logs
 
 cli.add_command(_logs)
