@@ -45,7 +45,9 @@ def test_64_processes_at_expiry_make_exactly_one_refresh(server: OAuthServer, en
     assert stats.get("token_requests") == 1 and stats.get("refreshed") == 1
     assert {r["token"] for r in results} == {env.stored("p1")["access_token"]}
     assert env.stored("p1")["refresh_token"] == stats["newest_refresh_token"]
-    assert p99 < latency + 0.1
+    # Not a speed limit (bench/ measures those): waiters ride on the one refresh instead of
+    # queueing behind each other, which would take 64 x the server's latency (16 s).
+    assert p99 < 8 * latency
 
 
 def test_rounds_of_16_make_one_refresh_per_token_lifetime(server: OAuthServer, env: Env) -> None:
