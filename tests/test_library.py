@@ -82,3 +82,29 @@ def test_library_errors_are_the_matching_builtins(lib: Corral) -> None:
     assert getattr(err.value, "exit_code", None) == 127
     spec = RunSpec(agent="libtest", argv=[Path("/bin/true")], timeout="1h30m")  # type: ignore[list-item]
     assert spec.argv == ("/bin/true",) and spec.timeout == 5400
+
+
+def test_one_durable_record_write_per_run(lib: Corral, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start and running records are atomic but not fsynced (the live cgroup is the
+    truth, records.py); the end is: one file and one directory fsync per run. Counted, not
+    faked: the real os.fsync runs."""
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    import uuid
+
+    run = lib.run(RunSpec(agent="lib" + uuid.uuid4().hex[:8], argv=("true",)))
+    record = run.wait()
+    assert record.state == "exited"
+    runs_dir = str(lib.store.dir)
+    assert len(synced) == 2, synced
+    assert synced[1] == runs_dir and synced[0].startswith(runs_dir + "/")  # the temp file, then its directory
+    on_disk = lib.store.load(record.id)
+    assert on_disk is not None and on_disk.state == "exited"

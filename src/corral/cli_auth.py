@@ -6,7 +6,6 @@ Errors are raised as CorralError subclasses; ``corral.cli.main`` maps them to ex
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -159,6 +158,8 @@ def token(profile: str, timeout: float, no_broker: bool) -> None:
               help="How long a request waits for a refresh another process is doing.")
 def broker(socket_path: str | None, timeout: float) -> None:
     """Serve access tokens over a unix socket; refresh tokens never leave this process."""
+    import logging  # only the broker logs: every other command starts without it
+
     from .auth.broker import run_broker
 
     logging.basicConfig(level=logging.INFO, format="corral: %(message)s", stream=sys.stderr)

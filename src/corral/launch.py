@@ -168,7 +168,7 @@ def _check_strict_limits(spec: RunSpec, limits: dict[str, Any]) -> None:
 
 def _save_start_record(corral: Corral, record: RunRecord) -> None:
     try:
-        corral.store.save(record)
+        corral.store.save(record, durable=False)  # the run lives: its cgroup is the truth (records.py)
     except CorralError as err:
         err.message = f"{err.message}; the command was not started"
         raise
@@ -264,7 +264,7 @@ def _start_attached(corral: Corral, spec: RunSpec, record: RunRecord, *, reap_or
     )
     # The command runs: from here a failed write costs only detail in `ps` (the record on
     # disk still names this process as the owner, and the cgroup is the truth), never the run.
-    corral.store.save_or_warn(record, f"run {record.id} is running; its record could not be updated")
+    corral.store.save_or_warn(record, f"run {record.id} is running; its record could not be updated", durable=False)
     owner = Owner(
         backend=backend, store=corral.store, record=record, cgroup=cgroup, main_pid=main.pid,
         watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=False,
@@ -450,7 +450,7 @@ def _detached_owner(corral: Corral, spec: RunSpec, record: RunRecord, cgroup: Cg
     try:
         # Unlike an attached run's, this record is what names the owner: without it the
         # run would look ownerless, so a detached run that cannot be recorded does not run.
-        corral.store.save(running)
+        corral.store.save(running, durable=False)
     except CorralError as err:
         os.write(report_w, f"fail {err.message}\n".encode())
         cgroup.kill()

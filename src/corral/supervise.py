@@ -332,7 +332,7 @@ class Owner:
         """--keep-leftovers: main has ended, what it left may finish on its own. The run is
         listed as ``draining`` until then; the deadline, Ctrl-C or SIGTERM still end it."""
         self.store.save_or_warn(self.record.replace(state="draining", exit_code=exit_code, signal=sig),
-                                f"run {self.record.id} is draining but its record could not be written")
+                                f"run {self.record.id} is draining but its record could not be written", durable=False)
         left = None
         if self.timeout:
             left = max(0.0, self.started + self.timeout - time.monotonic())
