@@ -4,6 +4,13 @@
 
 Medians of repeated runs. The Makefile runs it on the host (cgroupfs) and inside a
 throwaway systemd container (systemd) and appends both tables to bench/RESULTS.md.
+
+It measures what users get: run by the Python of ``.bench-venv`` (``make bench`` makes
+it), where corral is installed from a wheel as pip leaves it, bytecode compiled, and the
+CLI rows call that venv's ``corral`` script. Run by another Python (the editable
+development venv, where these machines' PYTHONDONTWRITEBYTECODE=1 means every start
+compiles the sources), it says so in the table's heading; ``--editable-cli`` adds that
+venv's CLI launch as a second row.
 """
 
 from __future__ import annotations
@@ -21,12 +28,27 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
+try:
+    import corral as _installed
+except ImportError:  # not installed in this Python: the checkout's sources
+    sys.path.insert(0, str(REPO / "src"))
+    import corral as _installed
 
 from corral import Corral, Dirs, RunSpec  # noqa: E402
 from corral.cgroup import CgroupDir  # noqa: E402
 
-CORRAL = [sys.executable, "-m", "corral.cli"]
+# The installed console script, as a user runs it (python -m would skip its fast path).
+_SCRIPT = Path(sys.executable).parent / "corral"
+CORRAL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "corral.cli"]
+
+
+def _product() -> str:
+    """How the corral being measured is installed: what the table's heading says."""
+    where = Path(_installed.__file__).resolve()
+    if REPO / "src" in where.parents:
+        return "editable checkout (sources compiled on every start: PYTHONDONTWRITEBYTECODE=1)"
+    cached = any(where.parent.glob("__pycache__/core.*.pyc"))
+    return f"installed package ({'bytecode compiled' if cached else 'NO bytecode'}), {where.parent}"
 
 
 def _sid(pid: int) -> int | None:
@@ -61,8 +83,9 @@ def median_ms(fn: Callable[[], object], n: int) -> float:
 
 
 class Bench:
-    def __init__(self, backend: str, quick: bool) -> None:
+    def __init__(self, backend: str, quick: bool, editable_cli: str | None = None) -> None:
         self.backend = backend
+        self.editable_cli = editable_cli
         self.n = 5 if quick else 20
         self.tmp = Path(tempfile.mkdtemp(prefix="corral-bench-"))
         self.env = dict(os.environ, XDG_STATE_HOME=str(self.tmp / "state"), CORRAL_BACKEND=backend,
@@ -95,6 +118,10 @@ class Bench:
                                                      capture_output=True), self.n)
             self.row("CLI: corral run A -- true", corral, "systemd-run --scope true", sdrun)
         self.row("CLI: corral run A -- true", corral, "bare true", bare)
+        if self.editable_cli:
+            dev = median_ms(lambda: subprocess.run([self.editable_cli, "run", "benchcli", "--", "true"], env=self.env,
+                                                   capture_output=True, check=True), self.n)
+            self.row("CLI, editable dev venv (no bytecode)", dev, "installed", corral)
 
     def launch_library(self) -> None:
         def lib() -> None:
@@ -352,7 +379,7 @@ class Bench:
 
     def table(self) -> str:
         who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
-        lines = [f"### backend: {self.backend} ({who}), medians of {self.n}", "",
+        lines = [f"### backend: {self.backend} ({who}), medians of {self.n}", "", f"corral: {_product()}", "",
                  "| measurement | corral | anchor | ratio |", "|---|---|---|---|"]
         for what, value, _v, anchor, a in self.rows:
             ratio = f"{_v / a:.2f}" if a else "-"
@@ -364,13 +391,17 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default=os.environ.get("CORRAL_BACKEND", "cgroupfs"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["isolation"], help="just one group of rows")
+    ap.add_argument("--only", choices=["isolation", "launch"], help="just one group of rows")
+    ap.add_argument("--editable-cli", metavar="PATH", help="also time this corral script (the dev venv's)")
     args = ap.parse_args()
-    b = Bench(args.backend, args.quick)
+    b = Bench(args.backend, args.quick, args.editable_cli)
     print(f"corral bench, backend {args.backend}", file=sys.stderr, flush=True)
     try:
         if args.only == "isolation":
             b.isolation_levels()
+        elif args.only == "launch":
+            b.launch_cli()
+            b.launch_library()
         else:
             b.launch_cli()
             b.launch_library()
