@@ -130,6 +130,7 @@ class CgroupDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._leaves: dict[str, CgroupDir] = {}
 
     def __repr__(self) -> str:
         return f"CgroupDir({str(self.path)!r})"
@@ -142,11 +143,18 @@ class CgroupDir:
 
     @property
     def payload(self) -> CgroupDir:
-        return self.child(PAYLOAD)
+        return self._leaf(PAYLOAD)
 
     @property
     def supervisor(self) -> CgroupDir:
-        return self.child(SUPERVISOR)
+        return self._leaf(SUPERVISOR)
+
+    def _leaf(self, name: str) -> CgroupDir:
+        """The run's leaves, made once per object (`ps` asks for them many times a run)."""
+        leaf = self._leaves.get(name)
+        if leaf is None:
+            leaf = self._leaves[name] = self.child(name)
+        return leaf
 
     def _read(self, name: str) -> str:
         return _read_text(self.path / name)

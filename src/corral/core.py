@@ -212,13 +212,15 @@ class Corral:
             record = adopted
         return Run(self, record)
 
-    def _adopted(self, *, all_users: bool = False) -> dict[str, RunRecord]:
+    def _adopted(self, *, all_users: bool = False, known: frozenset[str] = frozenset()) -> dict[str, RunRecord]:
         """Live ``corral-*`` scopes this state dir has no usable record of: ours with an
         unreadable record (state ``unknown``), and with *all_users* the runs of other state
         dirs (another user, checkout or test; state ``foreign``), named by their uid. A run
         without a record here is never ours to list or touch by default."""
         out: dict[str, RunRecord] = {}
         for scope in self.backend.live_scopes():
+            if scope.run_id in known:
+                continue  # the caller has read its record already (ps)
             path = self.store.path(scope.run_id)
             state = "unknown"
             if path.exists():
@@ -278,22 +280,21 @@ class Corral:
         if record.ended:
             return RunView(record, record.state, 0, None, record.cpu_usec)
         cg = CgroupDir(Path(record.cgroup))
-        ev = _payload_of(record).events()
+        ev = (cg.payload if cg.payload.exists() or not cg.exists() else cg).events()
         usage = self.backend.usage(cg)
         state = "paused" if ev.frozen else (record.state if record.state in ("starting", "draining", "unknown",
                                                                           "foreign") else "running")
         pids = usage.pids
         if pids and (record.isolation or {}).get("level") not in (None, "none"):
-            from .isolation import sandbox_pids
-
-            pids -= len(sandbox_pids(_payload_of(record).pids()))  # count the command's, not bwrap's
+            pids -= _sandbox_helpers(record)  # count the command's, not bwrap's
         return RunView(record, state, pids, usage.memory_bytes, usage.cpu_usec, usage.memory_source)
 
     def ps(self, *, all: bool = False, all_users: bool = False) -> list[RunView]:
         """Live runs (and, with *all*, ended ones), oldest first. Includes our scopes whose
         record is unreadable; with *all_users*, the live runs of other state dirs too."""
         views = [self._view(r) for r in self.store.all()]
-        views += [self._view(r) for r in self._adopted(all_users=all_users).values()]
+        known = frozenset(v.record.id for v in views)
+        views += [self._view(r) for r in self._adopted(all_users=all_users, known=known).values()]
         if not all:
             views = [v for v in views if v.state not in END_STATES]
         views.sort(key=lambda v: (v.record.started_at or "", v.record.id))
@@ -610,6 +611,21 @@ def _whose(cgroup: CgroupDir) -> str:
         return f"started by uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
         return f"started by uid {uid}"
+
+
+def _sandbox_helpers(record: RunRecord) -> int:
+    """How many of a sandboxed run's processes are bwrap's (bwrap, main, and the namespace's
+    init, its child): two reads where the record names main, instead of one per process."""
+    if record.main_pid is None or record.adopted:
+        from .isolation import sandbox_pids
+
+        return len(sandbox_pids(_payload_of(record).pids()))
+    try:
+        with open(f"/proc/{record.main_pid}/task/{record.main_pid}/children") as f:
+            inits = f.read().split()
+    except OSError:
+        return 0  # bwrap has exited: what is left is the command's (or nothing)
+    return 1 + min(len(inits), 1)
 
 
 def _payload_of(record: RunRecord) -> CgroupDir:
