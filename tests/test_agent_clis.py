@@ -311,7 +311,9 @@ def test_openclaw_lists_the_runs_token_profile_as_valid_and_it_is_kept_fresh(tmp
     (corral:oc), added and rewritten through openclaw's own paste-token; `openclaw models
     status` calls it valid, and later in the run its expiry has moved on (corral
     refreshed and rewrote it before it ran out). The user's own ~/.openclaw is not touched."""
-    lifetime = 16.0
+    # Long enough that a loaded CI machine's node starts (each `openclaw` call, and each
+    # rewrite through paste-token, took up to ~5 s there) fit between two rewrites.
+    lifetime = 30.0
     env = Env(tmp_path)
     home = env.root / "home"
     home.mkdir()

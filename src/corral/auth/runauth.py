@@ -214,11 +214,14 @@ class RunAuth:
             for i, adapter in enumerate(self.adapters):
                 if not adapter.lead or due.get(i, 0.0) > now:
                     continue
+                started = _boot_now()
                 try:
                     token = self.broker.token(adapter.profile.name, timeout=DEFAULT_TIMEOUT,  # type: ignore[union-attr]
                                               min_valid=adapter.lead)
                     adapter.write(token)
-                    due[i] = self._next_due(token, adapter.lead)
+                    # A rewrite can take seconds (openclaw's is a node start): the next one
+                    # must begin that much earlier, twice over for a loaded machine.
+                    due[i] = self._next_due(token, adapter.lead, took=_boot_now() - started)
                 except (CorralError, OSError) as err:
                     log.warning("run %s: keeping %s's credential fresh: %s", self.grant.run_id,
                                 adapter.profile.name, getattr(err, "message", err))
@@ -227,14 +230,15 @@ class RunAuth:
             self._stop.wait(max(wait, 1.0))
 
     @staticmethod
-    def _next_due(token: AccessToken, lead: float) -> float:
+    def _next_due(token: AccessToken, lead: float, took: float = 0.0) -> float:
         """When to rewrite, on the boot clock: *lead* before expiry, but never more than half
-        the token's remaining life early (the way the refresh window is capped). The
-        token's expiry is already bounded by the boot clock (Token.effective_expiry)."""
+        the token's remaining life early (the way the refresh window is capped), and at
+        least twice the last rewrite's duration (*took*) early. The token's expiry is
+        already bounded by the boot clock (Token.effective_expiry)."""
         if token.expires_at is None:
             return _boot_now() + 60
         left = token.expires_at - time.time()
-        return _boot_now() + max(left - min(lead, left / 2), 1.0)
+        return _boot_now() + max(left - max(min(lead, left / 2), 2 * took), 1.0)
 
     def detach_copy(self) -> None:
         """In the launching process of a detached run, once the owner has its copies: close
