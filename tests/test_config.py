@@ -372,6 +372,37 @@ def test_lock_timeout_names_the_lock_and_holder(cfg: Env) -> None:
     add_agent(store, "waits")  # and once it is free, it works
 
 
+def test_the_config_lock_is_the_one_filelock_takes(cfg: Env) -> None:
+    """corral takes flock(2) itself, on the path filelock would: a tool holding filelock's
+    FileLock there keeps corral's writer out, and a corral writer keeps filelock out."""
+    import filelock
+
+    cfg.write(START)
+    store = ConfigStore(cfg.config, lock_timeout=0.3)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import filelock, sys; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+        "print('held', flush=True); sys.stdin.read()"), str(store.lock_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigBusy) as err:
+            add_agent(store, "blocked")
+        assert f"pid {holder.pid}" in str(err.value)
+    finally:
+        holder.communicate("")
+    entered: list[bool] = []
+
+    def change(doc: Any) -> None:
+        entered.append(True)
+        with pytest.raises(filelock.Timeout):  # inside corral's lock, filelock must wait
+            filelock.FileLock(store.lock_path, timeout=0.2).acquire()
+
+    store.update(change)
+    assert entered == [True]
+    add_agent(store, "blocked")  # free again
+    assert "blocked" in cfg.config.read_text()
+
+
 def test_settings_and_effective_agent(cfg: Env) -> None:
     cfg.write(START)
     store = cfg.store()

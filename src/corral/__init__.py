@@ -1,7 +1,7 @@
 """corral: run many AI coding agents in parallel on one Linux machine, each run its own cgroup.
 
 The names below are imported on first use (PEP 562), so that ``corral ps`` does not pay
-for tomlkit, filelock and the auth client at every start.
+for tomlkit and the auth client at every start.
 """
 
 from __future__ import annotations

@@ -4,8 +4,13 @@ Every change is a read-modify-write under a sidecar lock (the seed failure this 
 parallel ``agents add`` each read the file, changed it and renamed their copy over the
 others, so some agents were lost):
 
-1. lock ``<target>.lock`` with filelock (``flock``: the kernel drops it when a holder dies,
-   so a killed writer never leaves a stale lock behind);
+1. lock ``<target>.lock`` with flock(2), exclusive: the kernel drops it when a holder
+   dies, so a killed writer never leaves a stale lock behind. It is the lock filelock's
+   ``UnixFileLock`` takes on the same path, so a tool using filelock there excludes us and
+   we it. corral takes it itself (:mod:`._flock`, shared with the leases) because
+   filelock 4's import (its async, SQLite and soft-lock backends) costs ~40 ms, half of
+   an ``agents add``; and a waiter blocks in the kernel instead of polling, so under 64
+   writers the lock passes on at once, not at the next 10 ms poll;
 2. re-read and parse the file with tomlkit, under the lock, so comments, key order and
    layout outside the edited keys survive byte for byte;
 3. apply the caller's change to the document;
@@ -20,8 +25,9 @@ creates a temp file there, so a holder may delete temp files a killed writer lef
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import logging
+import fcntl
 import os
 import re
 import stat
@@ -32,22 +38,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import filelock
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.toml_document import TOMLDocument
 
+from . import _flock
+from ._log import log
 from .errors import Busy, ConfigError, CorralError, PermissionDenied
-
-log = logging.getLogger("corral")
 
 T = TypeVar("T")
 
 DEFAULT_LOCK_TIMEOUT = 10.0
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; a huge "config" is a mistake or an attack
-# filelock polls a non-blocking flock. 64 waiters at 10 ms cost well under one percent of a
-# core, and a freed lock is seen within 10 ms.
-LOCK_POLL_INTERVAL = 0.01
 TEMP_SUFFIX = ".corral-tmp"
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
@@ -112,6 +114,31 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _take_lock(lock_path: Path, mode: int, timeout: float) -> int:
+    """An fd holding flock(LOCK_EX) on *lock_path* (created with *mode* if missing), or
+    ConfigBusy after *timeout* seconds. The lock file is never followed through a symlink."""
+    try:
+        try:
+            fd = _flock.open_private(lock_path, os.O_RDWR)
+        except FileNotFoundError:
+            fd = _flock.open_private(lock_path, os.O_RDWR | os.O_CREAT, mode)
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, mode)  # the umask must not narrow who may take it
+    except OSError as err:
+        raise _oserror(err, "lock config", lock_path) from err
+    try:
+        taken = _flock.flock_until(fd, fcntl.LOCK_EX, time.monotonic() + timeout)
+    except BaseException as err:
+        _flock.close_private(fd)
+        if isinstance(err, OSError):
+            raise _oserror(err, "lock config", lock_path) from err
+        raise
+    if not taken:
+        _flock.close_private(fd)
+        raise ConfigBusy(lock_path, timeout, _lock_holders(lock_path))
+    return fd
 
 
 def _lock_holders(lock_path: Path) -> list[int]:
@@ -269,26 +296,16 @@ class ConfigStore:
             target = self.target
             self._precheck(target)  # refuse a bad file before creating a lock next to it
             self._ensure_dir(target.parent)
-            lock = filelock.FileLock(
-                target.with_name(target.name + ".lock"), timeout=self.lock_timeout,
-                mode=self._lock_mode(target), poll_interval=LOCK_POLL_INTERVAL,
-                # Only a kernel lock dies with its holder; never fall back to marker files.
-                fallback_to_soft=False, preserve_lock_file=True,
-            )
+            lock_path = target.with_name(target.name + ".lock")
             started = time.monotonic()
-            try:
-                lock.acquire()
-            except filelock.Timeout:
-                raise ConfigBusy(Path(lock.lock_file), self.lock_timeout, _lock_holders(Path(lock.lock_file))) from None
-            except OSError as err:
-                raise _oserror(err, "lock config", lock.lock_file) from err
+            fd = _take_lock(lock_path, self._lock_mode(target), self.lock_timeout)
             try:
                 if self.target != target:
                     continue  # a link in the chain changed while we waited: lock the new target
-                log.debug("config lock %s acquired after %.1f ms", lock.lock_file, (time.monotonic() - started) * 1e3)
-                return self._locked_update(target, Path(lock.lock_file), change)
+                log.debug("config lock %s acquired after %.1f ms", lock_path, (time.monotonic() - started) * 1e3)
+                return self._locked_update(target, lock_path, change)
             finally:
-                lock.release()
+                _flock.close_private(fd)  # the last reference: the lock goes with it
         raise ConfigError(f"{self.path}: its symlinks keep changing; not writing through them")
 
     def _locked_update(self, target: Path, lock_path: Path, change: Callable[[TOMLDocument], T]) -> T:

@@ -1,7 +1,7 @@
 """What ``corral run AGENT`` runs: the agent's entry in config.toml merged with the flags.
 
 Kept apart from the config modules so that a run of an ad hoc agent (no config file)
-does not import tomlkit and filelock at all.
+does not import tomlkit at all.
 """
 
 from __future__ import annotations
