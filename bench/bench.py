@@ -391,7 +391,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default=os.environ.get("CORRAL_BACKEND", "cgroupfs"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["isolation", "launch"], help="just one group of rows")
+    ap.add_argument("--only", choices=["isolation", "launch", "ps", "agents"], help="just one group of rows")
     ap.add_argument("--editable-cli", metavar="PATH", help="also time this corral script (the dev venv's)")
     args = ap.parse_args()
     b = Bench(args.backend, args.quick, args.editable_cli)
@@ -402,6 +402,11 @@ def main() -> int:
         elif args.only == "launch":
             b.launch_cli()
             b.launch_library()
+        elif args.only == "ps":
+            b.ps_many(200)
+            b.ps_many(500)
+        elif args.only == "agents":
+            b.agents_add()
         else:
             b.launch_cli()
             b.launch_library()

@@ -102,7 +102,8 @@ def test_wheel_in_a_fresh_venv_without_a_compiler(tmp_path: Path) -> None:
 
 
 def test_systemd_backend_without_pystemd_says_how_to_get_it(tmp_path: Path) -> None:
-    """With pystemd not importable, asking for the systemd backend is exit 69 naming the extra."""
+    """With pystemd not importable, starting a run on the systemd backend is exit 69 naming
+    the extra. (Listing needs no bus: ps reads the cgroup tree.)"""
     blocker = tmp_path / "block"
     blocker.mkdir()
     (blocker / "pystemd").mkdir()
@@ -110,9 +111,12 @@ def test_systemd_backend_without_pystemd_says_how_to_get_it(tmp_path: Path) -> N
     env = {**os.environ, "PYTHONPATH": str(blocker), "CORRAL_BACKEND": "systemd",
            "XDG_STATE_HOME": str(tmp_path / "s"), "XDG_CONFIG_HOME": str(tmp_path / "c")}
     if Path("/run/systemd/system").exists():
-        proc = subprocess.run([sys.executable, "-m", "corral", "ps"], capture_output=True, text=True, timeout=60, env=env)
+        proc = subprocess.run([sys.executable, "-m", "corral", "run", "nopystemd", "--", "true"], capture_output=True,
+                              text=True, timeout=60, env=env)
         assert proc.returncode == 69, proc.stderr
         assert "corral[systemd]" in proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "corral", "ps"], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
     doctor = subprocess.run([sys.executable, "-m", "corral", "doctor", "--json"], capture_output=True, text=True,
                             timeout=60, env={**env, "CORRAL_BACKEND": ""})
     systemd = next(b for b in json.loads(doctor.stdout)["backends"] if b["name"] == "systemd")

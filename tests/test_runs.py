@@ -669,3 +669,23 @@ def test_a_limit_this_machine_does_not_enforce_is_a_warning_or_with_strict_limit
     assert overridden.returncode == 0 and marker.exists(), overridden.stderr
     bad = corral("agents", "set", agent, "strict_limits=maybe")
     assert bad.returncode == 2 and "true or false" in bad.stderr
+
+
+def test_listing_imports_only_what_it_needs(corral: CorralCLI) -> None:
+    """ps and kill --all read the cgroup tree and the records: no D-Bus library (the bus is
+    opened on first use, to start or stop a unit), no TOML writer, no logging, no psutil."""
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sleep", "30")
+    heavy = ("pystemd", "tomlkit", "logging", "psutil", "curses")
+    code = ("import sys, corral.cli\n"
+            "sys.argv = ['corral', *sys.argv[1:]]\n"
+            "try:\n    corral.cli.main()\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}), file=sys.stderr)")
+    try:
+        for args in (("ps", "--json"), ("ps", "--all")):
+            proc = subprocess.run([sys.executable, "-c", code, *args], env=corral.env, capture_output=True, text=True,
+                                  timeout=60)
+            assert run_id in proc.stdout, (args, proc.stdout, proc.stderr)
+            assert proc.stderr.strip().splitlines()[-1] == "[]", (args, proc.stderr)
+    finally:
+        corral("kill", run_id)

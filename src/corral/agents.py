@@ -10,13 +10,13 @@ state that running it again completes (idempotent).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import worktree as _wt
+from ._log import log
 from .config import (
     AgentConfig,
     add_agent,
@@ -28,8 +28,6 @@ from .config import (
 from .errors import NoBackend, NotFound, UsageError
 from .names import validate_agent
 from .paths import Dirs
-
-log = logging.getLogger("corral")
 
 
 def stop_agent_runs(name: str, *, dirs: Dirs, backend: str | None = None, grace: float = 10.0) -> list[str]:

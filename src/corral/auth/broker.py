@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import selectors
 import signal
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._log import log
 from ..cgroup import run_of
 from ..errors import (
     AuthBusy,
@@ -54,8 +54,6 @@ from ..errors import (
 )
 from ..paths import Dirs
 from .refresh import DEFAULT_TIMEOUT, AccessToken, get_token
-
-log = logging.getLogger("corral")
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 4096

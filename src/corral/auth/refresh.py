@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import NoReturn
 
+from .._log import log
 from ..errors import AuthBusy, AuthError, CorralError, SignInAgain
 from ..paths import Dirs
 from .oauth import Rejected, TransportError, checkpoint, refresh_grant
 from .profiles import Profile, get_profile
 from .store import Marker, Token, TokenStore, boot_clock, fingerprint, iso
-
-log = logging.getLogger("corral")
 
 DEFAULT_TIMEOUT = 30.0  # how long a caller waits for another process's refresh
 DEFAULT_HTTP_TIMEOUT = 30.0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._log import log
 from ..errors import CorralError, translate_oserror
 from ..paths import Dirs
 from .adapters import Adapter, CodexAdapter, adapter_for
@@ -45,8 +45,6 @@ from .client import PROFILE_ENV, SOCKET_ENV
 from .profiles import get_profile
 from .refresh import DEFAULT_TIMEOUT, AccessToken
 from .store import TokenStore
-
-log = logging.getLogger("corral")
 
 RETRY_AFTER_ERROR = 15.0  # seconds before the refresher tries again after a failed refresh
 

@@ -22,7 +22,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import stat
 import time
@@ -36,8 +35,6 @@ from .. import _flock
 from ..errors import AuthBusy, PermissionDenied, SignInAgain, translate_oserror
 from ..paths import Dirs
 from ..records import atomic_write
-
-log = logging.getLogger("corral")
 
 STORE_VERSION = 1
 

@@ -8,7 +8,6 @@ freezing, waiting and usage are the same kernel files either way and live here.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
@@ -18,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .._log import log
 from ..cgroup import CgroupDir, find_v1_mount
 from ..errors import TeardownIncomplete
 from ..names import agent_slice, parse_agent_slice, parse_scope_name, scope_name
 from ..procs import rss_sum
 from ..spec import Limits
-
-log = logging.getLogger("corral")
 
 # kernel file for each limit in cgroup v2 and in a v1 hierarchy (hybrid layouts)
 _V2_FILES = {"memory_max": "memory.max", "memory_high": "memory.high", "cpu_quota": "cpu.max", "tasks_max": "pids.max"}

@@ -12,11 +12,12 @@ import errno
 import os
 from pathlib import Path
 
+from .._log import log
 from ..cgroup import CgroupDir, find_cgroup2_mount
 from ..errors import NoBackend, translate_oserror
 from ..names import ROOT_SLICE, agent_slice, scope_name
 from ..spec import Limits
-from .base import Backend, Probe, log, v2_limit_files
+from .base import Backend, Probe, v2_limit_files
 
 _CONTROLLER_OF = {"memory_max": "memory", "memory_high": "memory", "cpu_quota": "cpu", "tasks_max": "pids"}
 

@@ -12,16 +12,19 @@ signatures, skipping pystemd's per-object introspection on the hot path.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from .._log import log
 from ..cgroup import CgroupDir, find_cgroup2_mount
 from ..errors import BackendError, CorralError, NoBackend, PermissionDenied
 from ..names import ROOT_SLICE, agent_slice, scope_name
 from ..spec import Limits
-from .base import Backend, Probe, log
+from .base import Backend, Probe
 
 DEST = b"org.freedesktop.systemd1"
 PATH = b"/org/freedesktop/systemd1"
@@ -53,6 +56,24 @@ def pystemd_missing() -> str | None:
     return None
 
 
+UNREACHABLE_HINT = ("is systemd PID 1 here? For a user manager, is XDG_RUNTIME_DIR set? "
+                    "Use --backend cgroupfs where systemd is not the init (see: corral doctor)")
+
+
+def _bus_socket_paths(user_mode: bool) -> list[Path]:
+    """Where a manager is reached: the bus, else systemd's private socket."""
+    if not user_mode:
+        return [Path("/run/dbus/system_bus_socket"), Path("/run/systemd/private")]
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
+    return [Path(runtime, "bus"), Path(runtime, "systemd/private")]
+
+
+def _bus_sockets(user_mode: bool) -> bool:
+    if user_mode and os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+        return True
+    return any(p.exists() for p in _bus_socket_paths(user_mode))
+
+
 def _open_bus(user_mode: bool) -> Any:
     """Connect to the manager: the bus first, then systemd's private socket."""
     missing = pystemd_missing()
@@ -78,11 +99,7 @@ def _open_bus(user_mode: bool) -> Any:
             errors.append(f"{private}: {err}")
     else:
         errors.append(f"{private}: no such socket")
-    raise NoBackend(
-        "systemd is not reachable: " + "; ".join(errors),
-        hint="is systemd PID 1 here? For a user manager, is XDG_RUNTIME_DIR set? "
-        "Use --backend cgroupfs where systemd is not the init (see: corral doctor)",
-    )
+    raise NoBackend("systemd is not reachable: " + "; ".join(errors), hint=UNREACHABLE_HINT)
 
 
 def _prop_args(props: list[tuple[str, str, Any]]) -> list[Any]:
@@ -112,6 +129,10 @@ def _limit_props(limits: Limits) -> list[tuple[str, str, Any]]:
 
 
 class SystemdBackend(Backend):
+    """The bus is opened on first use: listing runs (``ps``, ``kill --all``'s scan, ``top``)
+    reads the cgroup tree only, so it neither imports pystemd (~15 ms) nor talks D-Bus.
+    Opening the backend checks only that a manager socket is there to connect to."""
+
     name = "systemd"
 
     def __init__(self, *, user_mode: bool | None = None, mount: Path | None = None) -> None:
@@ -120,16 +141,42 @@ class SystemdBackend(Backend):
             raise NoBackend("no cgroup2 mount found in /proc/self/mountinfo")
         super().__init__(found)
         self.user_mode = os.geteuid() != 0 if user_mode is None else user_mode
-        self.bus = _open_bus(self.user_mode)
+        if importlib.util.find_spec("pystemd") is None:  # found, not imported: that waits for the bus
+            raise NoBackend("the systemd backend needs pystemd: it is not installed", hint=PYSTEMD_HINT)
+        if not _bus_sockets(self.user_mode):
+            raise NoBackend(
+                f"systemd is not reachable: no {'user' if self.user_mode else 'system'} bus socket "
+                f"({', '.join(map(str, _bus_socket_paths(self.user_mode)))})",
+                hint=UNREACHABLE_HINT)
         self._subscribed = False
         self._done_jobs: dict[bytes, bytes] = {}
         self._removed_units: set[bytes] = set()
+
+    @functools.cached_property
+    def bus(self) -> Any:
+        bus = _open_bus(self.user_mode)
         try:
-            self.version = self._manager_prop(b"Version", b"s").decode()
-            # The user manager lives in user@UID.service; the system manager at "/".
-            self.manager_cgroup = self._manager_prop(b"ControlGroup", b"s").decode() if self.user_mode else "/"
+            self.__dict__["version"] = bus.get_property(DEST, PATH, MANAGER, b"Version", b"s").decode()
         except Exception as err:
             raise NoBackend(f"systemd answered but not as a manager: {err}") from err
+        return bus
+
+    @functools.cached_property
+    def version(self) -> str:
+        self.bus  # noqa: B018 -- opening the bus reads the version
+        return str(self.__dict__["version"])
+
+    @functools.cached_property
+    def manager_cgroup(self) -> str:
+        """The manager's own cgroup: "/" for the system manager; the user manager lives in
+        user@UID.service, where systemd always puts it (asked over the bus only if not)."""
+        if not self.user_mode:
+            return "/"
+        uid = os.geteuid()
+        usual = f"/user.slice/user-{uid}.slice/user@{uid}.service"
+        if (self.mount / usual.lstrip("/")).is_dir():
+            return usual
+        return str(self._manager_prop(b"ControlGroup", b"s").decode())
 
     # --- D-Bus helpers ----------------------------------------------------------------
 
@@ -287,6 +334,8 @@ class SystemdBackend(Backend):
         self._call(b"SetUnitProperties", args, f"set the budget on {ROOT_SLICE}")
 
     def close(self) -> None:
+        if "bus" not in self.__dict__:
+            return  # never opened
         try:
             self.bus.close()
         except Exception:  # noqa: BLE001, S110 -- closing a bus that already broke: nothing left to do
@@ -328,5 +377,7 @@ def probe(user_mode: bool | None = None) -> Probe:
         return Probe("systemd", False, [str(err).splitlines()[0]], ["a reachable systemd manager bus"])
     try:
         return backend.probe()
+    except Exception as err:  # noqa: BLE001 -- the bus is opened here, on first use
+        return Probe("systemd", False, [str(err).splitlines()[0]], ["a reachable systemd manager bus"])
     finally:
         backend.close()
