@@ -149,6 +149,13 @@ class CgroupDir:
     def supervisor(self) -> CgroupDir:
         return self._leaf(SUPERVISOR)
 
+    @property
+    def commands(self) -> CgroupDir:
+        """Where the run's command and what it started live: the payload leaf, or the scope
+        itself where there is none (a run adopted from another corral, or not yet split)."""
+        payload = self.payload
+        return payload if payload.exists() else self
+
     def _leaf(self, name: str) -> CgroupDir:
         """The run's leaves, made once per object (`ps` asks for them many times a run)."""
         leaf = self._leaves.get(name)

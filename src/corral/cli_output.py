@@ -11,10 +11,12 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, Self
 
 import click
+
+from .records import parse_stamp
 
 
 def echo_json(data: Any) -> None:
@@ -57,18 +59,10 @@ def command_line(argv: Sequence[str]) -> str:
     return shlex.join(argv).replace("\n", "\\n")
 
 
-def _parse_iso(stamp: str) -> datetime | None:
-    try:
-        when = datetime.fromisoformat(stamp)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 def local_time(stamp: str | None, *, utc: bool = False) -> str:
     """A record's UTC ISO stamp in local time with its zone (``2026-12-07 06:10:03 CET``),
     or in UTC with ``--utc``."""
-    when = _parse_iso(stamp) if stamp else None
+    when = parse_stamp(stamp)
     if when is None:
         return stamp or "-"
     shown = when.astimezone(UTC) if utc else when.astimezone()
@@ -77,7 +71,7 @@ def local_time(stamp: str | None, *, utc: bool = False) -> str:
 
 def ago(stamp: str | None, now: float | None = None) -> str:
     """``3m ago``, ``2h ago``, ``5d ago``: how long since *stamp*, as a person reads it."""
-    when = _parse_iso(stamp) if stamp else None
+    when = parse_stamp(stamp)
     if when is None:
         return "-"
     seconds = (time.time() if now is None else now) - when.timestamp()

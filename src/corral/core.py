@@ -23,8 +23,8 @@ from .cgroup import CgroupDir
 from .errors import CorralError, NotFound, RunNotFound, UsageError
 from .names import validate_agent
 from .paths import Dirs
-from .procs import owner_alive
-from .records import END_STATES, RecordStore, RunRecord, now_iso
+from .procs import children, owner_alive
+from .records import END_STATES, RecordStore, RunRecord, now_iso, seconds_between
 from .spec import RunSpec
 from .supervise import Outcome, Owner
 from .units import parse_duration
@@ -280,7 +280,7 @@ class Corral:
         if record.ended:
             return RunView(record, record.state, 0, None, record.cpu_usec)
         cg = CgroupDir(Path(record.cgroup))
-        ev = (cg.payload if cg.payload.exists() or not cg.exists() else cg).events()
+        ev = cg.commands.events()
         usage = self.backend.usage(cg)
         state = "paused" if ev.frozen else (record.state if record.state in ("starting", "draining", "unknown",
                                                                           "foreign") else "running")
@@ -315,8 +315,7 @@ class Corral:
         out = []
         scope = run.cgroup
         roles = {pid: "corral" for pid in scope.supervisor.pids()}
-        payload = scope.payload if scope.payload.exists() else scope
-        for pid in payload.pids():
+        for pid in scope.commands.pids():
             roles[pid] = "leftover"
         for pid in sorted(roles):
             try:
@@ -574,16 +573,8 @@ class Corral:
 
 def _duration(record: RunRecord) -> float | None:
     """Seconds from start to end (to now for a live run), to the millisecond."""
-    from datetime import UTC, datetime
-
-    if not record.started_at:
-        return None
-    try:
-        start = datetime.fromisoformat(record.started_at)
-        end = datetime.fromisoformat(record.ended_at) if record.ended_at else datetime.now(UTC)
-    except ValueError:
-        return None
-    return round(max((end - start).total_seconds(), 0.0), 3)
+    seconds = seconds_between(record.started_at, record.ended_at)
+    return None if seconds is None else round(seconds, 3)
 
 
 def _whose(cgroup: CgroupDir) -> str:
@@ -620,14 +611,11 @@ def _sandbox_helpers(record: RunRecord) -> int:
         from .isolation import sandbox_pids
 
         return len(sandbox_pids(_payload_of(record).pids()))
-    try:
-        with open(f"/proc/{record.main_pid}/task/{record.main_pid}/children") as f:
-            inits = f.read().split()
-    except OSError:
+    inits = children(record.main_pid)
+    if inits is None:
         return 0  # bwrap has exited: what is left is the command's (or nothing)
     return 1 + min(len(inits), 1)
 
 
 def _payload_of(record: RunRecord) -> CgroupDir:
-    scope = CgroupDir(Path(record.cgroup))
-    return scope.payload if scope.payload.exists() or not scope.exists() else scope
+    return CgroupDir(Path(record.cgroup)).commands

@@ -69,7 +69,7 @@ def collect(corral: Corral, *, retention: float = DEFAULT_RETENTION) -> GcReport
                 continue
             from .isolation import sandbox_pids
 
-            members = cg.payload.pids() if cg.payload.exists() else cg.pids()
+            members = cg.commands.pids()
             pids = len(members) - len(sandbox_pids(members))  # the command's, not bwrap's
             backend.teardown(cg)
             record = corral.store.load(scope.run_id)

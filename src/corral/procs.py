@@ -19,6 +19,15 @@ def process_start(pid: int) -> float | None:
     return float(fields[19])
 
 
+def children(pid: int) -> list[int] | None:
+    """*pid*'s children (its main thread's, as /proc lists them), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return None
+
+
 def owner_alive(pid: int | None, start: float | None) -> bool:
     """Is the process that was *pid* when it started at *start* still running?"""
     if not pid:

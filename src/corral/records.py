@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,8 +31,36 @@ LIVE_STATES = ("starting", "running", "paused", "draining")
 END_STATES = ("exited", "failed", "killed", "timeout", "lost")
 
 
+def iso_utc(when: datetime) -> str:
+    """The stamp format of every record and log line: ISO 8601 UTC, to the ms, with Z."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(datetime.now(UTC))
+
+
+def parse_stamp(stamp: str | None) -> datetime | None:
+    """A record's stamp as an aware datetime (a naive one is UTC), or None if it is not one."""
+    if not stamp:
+        return None
+    try:
+        when = datetime.fromisoformat(stamp)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def seconds_between(start: str | None, end: str | None = None, now: float | None = None) -> float | None:
+    """Seconds from stamp *start* to *end* (None: to *now*, default the wall clock), never
+    negative; None if *start* (or a given *end*) is not a stamp. Ages and durations."""
+    began = parse_stamp(start)
+    if began is None:
+        return None
+    if end is None:
+        return max((time.time() if now is None else now) - began.timestamp(), 0.0)
+    ended = parse_stamp(end)
+    return None if ended is None else max((ended - began).total_seconds(), 0.0)
 
 
 @dataclass(frozen=True)

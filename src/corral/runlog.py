@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .records import iso_utc, now_iso
 from .units import DEFAULT_LOG_MAX, MIN_LOG_MAX
 
 IDLE_FLUSH = 0.2  # seconds an unfinished line waits before it is written as a fragment
@@ -55,7 +56,7 @@ _RECORD = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) ([OoEe]) ?")
 
 
 def _stamp() -> bytes:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z").encode()
+    return now_iso().encode()
 
 
 # --- writing (in the run's owner) ---------------------------------------------------------
@@ -338,12 +339,6 @@ class LineAssembler:
         return out
 
 
-def log_files(path: Path) -> list[Path]:
-    """The run's log files, oldest first (the rotated one, then the current)."""
-    rotated = path.with_name(path.name + ".1")
-    return [p for p in (rotated, path) if p.exists()]
-
-
 CAUGHT_UP = None  # what :func:`records` yields once, when it has read what was there
 
 
@@ -441,11 +436,10 @@ def since_stamp(text: str, now: float | None = None) -> str:
         except UsageError:
             raise UsageError(f"invalid --since {text!r}",
                              hint="a duration ago (10m, 2h) or a time (2026-12-07 12:00, 12:00:00+00:00)") from None
-        return datetime.fromtimestamp((time.time() if now is None else now) - ago, UTC) \
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return iso_utc(datetime.fromtimestamp((time.time() if now is None else now) - ago, UTC))
     if when.tzinfo is None:
         when = when.astimezone()  # naive: local time, as journalctl --since takes it
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(when)
 
 
 def since_filter(lines: Iterable[Line], since: str) -> Iterator[Line]:

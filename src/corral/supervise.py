@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cgroup import CgroupDir
 from .meter import RunMeter
+from .procs import children
 from .records import RunRecord, now_iso
 from .spawn import exit_code_of
 
@@ -448,7 +449,7 @@ class Owner:
         while True:
             pid = self.main_pid
             for _depth in range(2):
-                kids = _children(pid)
+                kids = children(pid) or []
                 if not kids:
                     break
                 pid = kids[0]
@@ -517,14 +518,6 @@ def _drain(fd: int) -> None:
     except OSError as err:
         if err.errno != errno.EAGAIN:
             raise
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except (OSError, ValueError):
-        return []
 
 
 def _tty_delivered() -> bool:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cgroup import CgroupDir, parse_pressure
 from .errors import UsageError
+from .records import seconds_between
 
 if TYPE_CHECKING:
     from .core import Corral, RunView
@@ -151,7 +152,7 @@ class Sampler:
         # Our own read of cpu.stat, timed: ps() reads every run in turn, so its moment for
         # this one is not known; this read is, to the microsecond. The payload's: what the
         # command uses (a paused run reads 0), not corral's owner and watchdog beside it.
-        payload = scope.payload if scope.payload.exists() else scope
+        payload = scope.commands
         usec = payload.cpu_usec()
         now = time.monotonic()
         track = self._tracks.setdefault(r.id, _Track())
@@ -171,7 +172,7 @@ class Sampler:
             pressure[resource] = (psi or {}).get("some", {}).get("avg10")
         return RunRow(id=r.id, agent=r.agent, state=view.state, unit=r.unit, pids=view.pids, cpu_percent=cpu,
                       cpu_usec=usec, memory_bytes=memory, memory_source=source, pressure=pressure,
-                      started_at=r.started_at, age=_age(r.started_at, wall), argv=tuple(r.argv),
+                      started_at=r.started_at, age=seconds_between(r.started_at, now=wall), argv=tuple(r.argv),
                       history=tuple(track.history))
 
 
@@ -229,18 +230,6 @@ def host_info(proc: Path = Path("/proc")) -> Host:
     except OSError:
         cpus = os.cpu_count() or 1
     return Host(cpus=cpus, load=load, pressure=pressure, memory_total=total, memory_available=avail)
-
-
-def _age(stamp: str | None, wall: float) -> float | None:
-    if not stamp:
-        return None
-    try:
-        when = datetime.fromisoformat(stamp)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, wall - when.timestamp())
 
 
 def sort_rows(rows: Sequence[RunRow], key: str) -> list[RunRow]:

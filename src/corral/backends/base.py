@@ -159,8 +159,7 @@ class Backend(ABC):
 
     def usage(self, cgroup: CgroupDir) -> Usage:
         """Usage of a run: process count of its payload, memory and CPU of the whole scope."""
-        payload = cgroup.payload if cgroup.payload.exists() else cgroup
-        pids = payload.pids()
+        pids = cgroup.commands.pids()
         memory = cgroup.read_int("memory.current")
         source = "cgroup"
         if memory is None:
