@@ -73,6 +73,21 @@ def _pss_kib(pid: int) -> int:
     return int(next(line for line in rollup.splitlines() if line.startswith("Pss:")).split()[1])
 
 
+def median_cpu_ms(argv: list[str], n: int, env: dict[str, str] | None = None) -> float:
+    """Median CPU time (user + system) of one run of *argv*: what a start-up costs when
+    many start at once and the cores, not the clock, are the limit."""
+    import resource
+
+    times = []
+    for i in range(n):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([a.replace("{i}", str(i)) for a in argv], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        times.append((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1000)
+    return statistics.median(times)
+
+
 def median_ms(fn: Callable[[], object], n: int) -> float:
     times = []
     for _ in range(n):
@@ -321,14 +336,36 @@ class Bench:
 
     def overhead(self) -> None:
         run = self.corral.run(RunSpec(agent="benchmem", argv=("sleep", "1000")), detach=True)
+        bare = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(1000)"])
         time.sleep(0.3)
-        rss = pss = 0
+        rss = pss = owner_pss = 0
+        owner = self.corral.get(run.id).record.owner_pid
         for pid in run.cgroup.supervisor.pids():
             status = Path(f"/proc/{pid}/status").read_text()
             rss += int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1])
             pss += _pss_kib(pid)
+            if pid == owner:
+                owner_pss = _pss_kib(pid)
+        bare_pss = _pss_kib(bare.pid)
+        bare.kill()
+        bare.wait()
         run.kill()
         self.row("per detached run: corral's RSS (owner+watchdog)", rss / 1024, "PSS", pss / 1024, unit="MiB")
+        self.row("per detached run: the owner's PSS", owner_pss / 1024, "a bare `python3 -S` asleep: PSS",
+                 bare_pss / 1024, unit="MiB")
+
+    def floors(self) -> None:
+        """CPU per start-up, against the interpreter and click alone: what is left to cut."""
+        py = [sys.executable]
+        env = dict(self.env, XDG_CONFIG_HOME=str(self.tmp / "floor-config"))
+        bare = median_cpu_ms([*py, "-c", "pass"], self.n)
+        click_ = median_cpu_ms([*py, "-c", "import click"], self.n)
+        self.row("CPU: python -c 'import click'", click_, "python -c pass", bare)
+        version = median_cpu_ms([*CORRAL, "--version"], self.n, env)
+        self.row("CPU: corral --version", version, "python -c 'import click'", click_)
+        for what, argv in (("corral ps (no runs)", ["ps"]), ("corral agents list", ["agents", "list"]),
+                           ("corral agents add", ["agents", "add", "floor{i}"])):
+            self.row(f"CPU: {what}", median_cpu_ms([*CORRAL, *argv], self.n, env), "corral --version", version)
 
     def isolation_levels(self) -> None:
         """What each isolation level costs a launch and a run's memory, against ``none``."""
@@ -391,7 +428,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default=os.environ.get("CORRAL_BACKEND", "cgroupfs"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["isolation", "launch", "ps", "agents"], help="just one group of rows")
+    ap.add_argument("--only", choices=["isolation", "launch", "ps", "agents", "floors"], help="just one group of rows")
     ap.add_argument("--editable-cli", metavar="PATH", help="also time this corral script (the dev venv's)")
     args = ap.parse_args()
     b = Bench(args.backend, args.quick, args.editable_cli)
@@ -407,6 +444,9 @@ def main() -> int:
             b.ps_many(500)
         elif args.only == "agents":
             b.agents_add()
+        elif args.only == "floors":
+            b.floors()
+            b.overhead()
         else:
             b.launch_cli()
             b.launch_library()
@@ -417,6 +457,7 @@ def main() -> int:
             b.overhead()
             b.isolation_levels()
             if args.backend == "cgroupfs":  # backend-independent rows: once
+                b.floors()
                 b.agents_add()
                 b.token_at_expiry()
     finally:
