@@ -30,6 +30,10 @@ Scenarios (cgroupfs backend on this host's cgroup v2 mount):
           that could not be recorded is refused before its command runs, files still parse
   clock   the wall clock jumps (libfaketime, one process at a time) around token refreshes:
           no token the provider has expired is ever handed out
+  powerloss  the start and running records are renamed into place without fsync: a power
+          loss takes every run and cgroup and may leave such a record as it was, empty,
+          NUL-filled or missing; after the "reboot" ps/show/gc/kill answer, nothing is
+          listed live, every run that had ended keeps its (synced) end
 
 Everything runs in private XDG dirs under one temp dir and in a private cgroup subtree
 (``CORRAL_CGROUP_ROOT``): `corral ps`, `gc` and `kill --all` look at every corral scope
@@ -52,6 +56,7 @@ failure or lost something.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 import json
 import os
@@ -81,7 +86,8 @@ from corral.paths import Dirs  # noqa: E402
 CORRAL = [sys.executable, "-m", "corral.cli"]
 DOCUMENTED_EXITS = (0, 1, 2, 3, 69, 75, 77, 78, 124, 126, 127)  # README, "Exit codes"
 LIVE_STATES = ("starting", "running", "paused", "draining")
-SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile", "gcrace", "records", "options", "enospc", "clock")
+SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile", "gcrace", "records", "options", "enospc", "clock",
+             "powerloss")
 
 # Every process it starts writes its own pid to $M: setsid, double-forked, nohup'd, and main.
 _SELF = 'echo $$ >> "$M"; exec sleep 1000'
@@ -1754,13 +1760,95 @@ def scenario_hostile(h: Harness, scale: float) -> list[Result]:
     return [res]
 
 
+# --- 13. power loss after unsynced record writes --------------------------------------------
+
+LIVE_STATES = ("starting", "running", "paused", "draining", "unknown")
+
+
+def scenario_powerloss(h: Harness, scale: float) -> list[Result]:
+    """records.save fsyncs only a run's end record: while a run lives its cgroup is the
+    truth, and a machine that loses power loses its runs and cgroups too. What it can leave
+    of an unsynced start/running record: the record as renamed, an empty file, NULs
+    (delayed allocation), or no file. Simulated: detached runs, a third ended first (end
+    records synced), then every process and cgroup gone at once and each unsynced record
+    damaged one of those ways. After the "reboot" every command answers, nothing is live,
+    the ended runs keep their ends, and a surviving start record reads ``lost``."""
+    env = h.env("powerloss")
+    rng = h.rng("powerloss")
+    res = Result("13 power loss: unsynced start records")
+    total = max(12, round(60 * scale))
+    res.trials = total
+    agent = h.agent("pl")
+    runs_dir = Path(env["XDG_STATE_HOME"]) / "corral" / "runs"
+    ids: list[str] = []
+    for i in range(total):
+        out = h.cli(env, "run", "--detach", agent, "--", "sleep", "1000")
+        if out.returncode != 0:
+            res.fail(f"run {i}: run --detach exited {out.returncode}: {tail(out.stderr)}")
+            continue
+        ids.append(out.stdout.strip())
+    ended = set(rng.sample(ids, k=len(ids) // 3))
+    ends: dict[str, dict[str, Any]] = {}
+    for rid in sorted(ended):
+        h.cli(env, "kill", rid)
+        h.cli(env, "wait", rid, "--timeout", "10")
+        ends[rid] = json.loads((runs_dir / f"{rid}.json").read_text())
+    # The power goes out: every process and cgroup at once, no owner gets to write.
+    h.kill_tree()
+    for scope in h.scopes(agent).values():
+        for leaf in ("payload", "supervisor", ""):
+            with contextlib.suppress(OSError):
+                os.rmdir(scope / leaf)
+    damage: dict[str, str] = {}
+    for rid in ids:
+        if rid in ended:
+            continue
+        how = rng.choice(["kept", "empty", "nul", "missing"])
+        damage[rid] = how
+        path = runs_dir / f"{rid}.json"
+        if how == "empty":
+            path.write_bytes(b"")
+        elif how == "nul":
+            path.write_bytes(b"\0" * max(1, path.stat().st_size))
+        elif how == "missing":
+            path.unlink()
+        res.faults += 1
+    for args in (("ps",), ("ps", "--all"), ("show", *ids[:5]), ("gc", "--json"), ("kill", "--all")):
+        got = h.cli_within(res, env, *args)
+        if got is not None and ("Traceback" in got.stderr or got.returncode not in (0, 3)):
+            res.fail(f"after the reboot, {' '.join(args)[:60]} exited {got.returncode}: {tail(got.stderr)}")
+    listed = h.cli(env, "ps", "--all", "--json")
+    try:
+        views = {v["id"]: v for v in json.loads(listed.stdout)}
+    except (json.JSONDecodeError, TypeError, KeyError):
+        res.fail(f"ps --all --json after the reboot: {listed.returncode} {tail(listed.stdout + listed.stderr)}")
+        return [res]
+    for rid, view in views.items():
+        if view.get("agent") == agent and view.get("state") in LIVE_STATES:
+            res.fail(f"{rid} ({damage.get(rid, 'ended')}) listed as {view['state']} with no process left")
+    for rid, end in ends.items():
+        view = views.get(rid)
+        if view is None or (view["state"], view["exit_code"], view["signal"], view["ended_at"]) != (
+                end["state"], end.get("exit_code"), end.get("signal"), end.get("ended_at")):
+            res.lose(f"{rid}: the synced end {end['state']} at {end.get('ended_at')} reads {view and view['state']}")
+    for rid, how in damage.items():
+        if how == "kept" and views.get(rid, {}).get("state") != "lost":
+            res.fail(f"{rid}: its surviving start record reads {views.get(rid, {}).get('state')}, not lost")
+    if h.populated_scopes(agent):
+        res.fail("a scope is populated after the reboot")
+    counts = {how: list(damage.values()).count(how) for how in ("kept", "empty", "nul", "missing")}
+    res.notes.append(f"{len(ids)} detached runs, {len(ends)} ended first (synced ends, all kept); the others' "
+                     f"records after the power loss: {counts}")
+    return [res]
+
+
 # --- main ---------------------------------------------------------------------------------
 
 RUNNERS: dict[str, Callable[[Harness, float], list[Result]]] = {
     "owner": scenario_owner, "crash": scenario_crash, "config": scenario_config, "token": scenario_token,
     "fuzz": scenario_fuzz, "load": scenario_load, "hostile": scenario_hostile, "gcrace": scenario_gcrace,
     "records": scenario_records, "options": scenario_options, "enospc": scenario_enospc,
-    "clock": scenario_clock,
+    "clock": scenario_clock, "powerloss": scenario_powerloss,
 }
 
 
