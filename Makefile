@@ -94,6 +94,7 @@ bench: deps $(BENCH_VENV)/.installed
 	$(BPY) bench/bench.py --backend cgroupfs --editable-cli $(VENV)/bin/corral >> bench/RESULTS.md
 	$(PY) tests/nspawn.py -- $(BPY) bench/bench.py --backend systemd --editable-cli $(VENV)/bin/corral >> bench/RESULTS.md
 	$(PY) tests/nspawn.py --user -- $(BPY) bench/bench.py --backend systemd --editable-cli $(VENV)/bin/corral >> bench/RESULTS.md
+	@cat bench/ANALYSIS.md >> bench/RESULTS.md
 	@cat bench/RESULTS.md
 
 # Fault injection and load (bench/stress.py): SIGKILLed owners, writers and refreshers, fuzzed
