@@ -115,8 +115,10 @@ def test_systemd_backend_without_pystemd_says_how_to_get_it(tmp_path: Path) -> N
                               text=True, timeout=60, env=env)
         assert proc.returncode == 69, proc.stderr
         assert "corral[systemd]" in proc.stderr
-        proc = subprocess.run([sys.executable, "-m", "corral", "ps"], capture_output=True, text=True, timeout=60, env=env)
+        proc = subprocess.run([sys.executable, "-m", "corral", "ps", "--all", "--json"], capture_output=True, text=True,
+                              timeout=60, env=env)
         assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == [], "the refused run left no record: the bus is reached before anything"
     doctor = subprocess.run([sys.executable, "-m", "corral", "doctor", "--json"], capture_output=True, text=True,
                             timeout=60, env={**env, "CORRAL_BACKEND": ""})
     systemd = next(b for b in json.loads(doctor.stdout)["backends"] if b["name"] == "systemd")

@@ -54,6 +54,7 @@ def _new_record(corral: Corral, spec: RunSpec, *, detach: bool) -> RunRecord:
     if not os.path.isdir(cwd):
         raise UsageError(f"working directory {cwd!r} does not exist")
     backend = corral.backend
+    backend.connect()  # an unreachable manager fails here: no record, no process yet
     corral.store.ensure()
     for _ in range(16):
         run_id = new_run_id()

@@ -108,6 +108,10 @@ class Backend(ABC):
             except OSError as err:
                 raise translate_oserror(err, what="create run cgroup", path=str(leaf.path)) from err
 
+    def connect(self) -> None:
+        """Before a run is recorded or forked: reach whatever starting it needs (the
+        systemd backend opens its bus here), so that failing to costs nothing."""
+
     def close(self) -> None:
         """Release connections."""
 

@@ -178,6 +178,9 @@ class SystemdBackend(Backend):
             return usual
         return str(self._manager_prop(b"ControlGroup", b"s").decode())
 
+    def connect(self) -> None:
+        self.bus  # noqa: B018 -- opens it, or raises NoBackend
+
     # --- D-Bus helpers ----------------------------------------------------------------
 
     def _manager_prop(self, name: bytes, sig: bytes) -> Any:
@@ -297,6 +300,11 @@ class SystemdBackend(Backend):
         active with nothing in it. Those are stopped explicitly."""
         super().release(agent, run_id, cgroup)
         unit = scope_name(agent, run_id)
+        try:
+            self.connect()
+        except NoBackend as err:  # kill/stop/gc reached the cgroup without the bus: systemd collects the empty scope
+            log.debug("release of %s without the bus: %s", unit, err.message)
+            return
         if self._wait_removed(unit, cgroup, 0.25):
             return
         from pystemd.dbuslib import apply_signature
