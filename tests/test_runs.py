@@ -689,3 +689,23 @@ def test_listing_imports_only_what_it_needs(corral: CorralCLI) -> None:
             assert proc.stderr.strip().splitlines()[-1] == "[]", (args, proc.stderr)
     finally:
         corral("kill", run_id)
+
+
+def test_a_configured_run_reads_its_config_without_tomlkit(corral: CorralCLI) -> None:
+    """`corral run` reads config.toml with the stdlib's tomllib (tomlkit is for edits);
+    the agent's settings still apply."""
+    agent = corral.agent()
+    conf = Path(corral.env["XDG_CONFIG_HOME"]) / "corral" / "config.toml"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(f'# a comment\n[agents.{agent}]\nenv = {{ FROM_CONFIG = "yes" }}\n')
+    code = ("import sys, corral.cli\n"
+            "sys.argv = ['corral', *sys.argv[1:]]\n"
+            "try:\n    corral.cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tomlkit'), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, "run", agent, "--", "sh", "-c", "echo $FROM_CONFIG"],
+                          env=corral.env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "yes", (proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+    conf.write_text(f"[agents.{agent}\n")  # malformed: still exit 78 with the line and column
+    proc = corral("run", agent, "--", "true")
+    assert proc.returncode == 78 and f"{conf}:1:" in proc.stderr and "line 1, column" in proc.stderr, proc.stderr

@@ -34,8 +34,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import tomlkit
-
 from .config_values import (
     AGENT_KEYS,
     DEFAULT_KEYS,
@@ -190,6 +188,8 @@ def add_agent(store: ConfigStore, name: str, changes: Mapping[str, Any] | None =
         if name in agents:
             apply_changes(agents[name], values)
         else:
+            import tomlkit
+
             entry = tomlkit.table()
             apply_changes(entry, values)
             agents[name] = entry
@@ -270,7 +270,7 @@ def load_run_config(dirs: Dirs, name: str) -> tuple[AgentConfig | None, Settings
     filled in (None if it is not configured) and the ``[corral]`` settings (the budget)."""
     validate_agent(name)
     store = open_store(dirs)
-    doc = store.document()
+    doc = store.values()  # plain values through tomllib: a run does not load tomlkit
     if _agent_from(doc, name, store.path) is not None:
         store.check_trusted_for_root()  # what it names is about to run
     settings = _settings_from(doc, store.path)

@@ -13,9 +13,6 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import tomlkit
-from tomlkit.items import AoT, Table
-
 from .errors import ConfigError, UsageError
 from .paths import current_dir
 from .spec import Limits
@@ -206,6 +203,8 @@ def mapping_in(doc: MutableMapping[str, Any], key: str, path: Path, *, create: b
     if value is None:
         if not create:
             return None
+        import tomlkit  # edits only: reading the config needs no tomlkit (ConfigStore.values)
+
         # A super table prints as [agents.NAME] headers without an empty [agents] above them.
         doc[key] = tomlkit.table(is_super_table=super_table)
         return doc[key]  # type: ignore[no-any-return]
@@ -216,6 +215,8 @@ def mapping_in(doc: MutableMapping[str, Any], key: str, path: Path, *, create: b
 
 def _set(table: MutableMapping[str, Any], key: str, value: Any) -> None:
     """Set or remove *key*, leaving every other byte of the table as it was."""
+    from tomlkit.items import AoT, Table
+
     if value is None:
         if key in table:
             del table[key]
@@ -252,6 +253,8 @@ def apply_changes(table: MutableMapping[str, Any], values: Mapping[str, Any]) ->
                 continue
             value = {var: val for var, val in value.items() if val is not None} or None
         if isinstance(value, dict):
+            import tomlkit
+
             inline = tomlkit.inline_table()
             inline.update(value)
             value = inline
