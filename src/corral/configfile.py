@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _flock
+from ._log import log
+from .errors import Busy, ConfigError, CorralError, PermissionDenied
 
 if TYPE_CHECKING:
     from tomlkit.toml_document import TOMLDocument
-from ._log import log
-from .errors import Busy, ConfigError, CorralError, PermissionDenied
 
 T = TypeVar("T")
 
@@ -129,10 +129,11 @@ def _take_lock(lock_path: Path, mode: int, timeout: float) -> int:
         raise _oserror(err, "lock config", lock_path) from err
     try:
         taken = _flock.flock_until(fd, fcntl.LOCK_EX, time.monotonic() + timeout)
-    except BaseException as err:
+    except OSError as err:
         _flock.close_private(fd)
-        if isinstance(err, OSError):
-            raise _oserror(err, "lock config", lock_path) from err
+        raise _oserror(err, "lock config", lock_path) from err
+    except BaseException:  # Ctrl-C while waiting: the fd must not outlive the wait
+        _flock.close_private(fd)
         raise
     if not taken:
         _flock.close_private(fd)

@@ -60,12 +60,12 @@ UNREACHABLE_HINT = ("is systemd PID 1 here? For a user manager, is XDG_RUNTIME_D
                     "Use --backend cgroupfs where systemd is not the init (see: corral doctor)")
 
 
-def _bus_socket_paths(user_mode: bool) -> list[Path]:
+def _bus_socket_paths(user_mode: bool) -> tuple[Path, Path]:
     """Where a manager is reached: the bus, else systemd's private socket."""
     if not user_mode:
-        return [Path("/run/dbus/system_bus_socket"), Path("/run/systemd/private")]
+        return Path("/run/dbus/system_bus_socket"), Path("/run/systemd/private")
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
-    return [Path(runtime, "bus"), Path(runtime, "systemd/private")]
+    return Path(runtime, "bus"), Path(runtime, "systemd/private")
 
 
 def _bus_sockets(user_mode: bool) -> bool:
@@ -88,8 +88,7 @@ def _open_bus(user_mode: bool) -> Any:
         return bus
     except Exception as err:  # noqa: BLE001 - any failure means: try the next way in
         errors.append(f"{'user' if user_mode else 'system'} bus: {err}")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
-    private = Path(runtime, "systemd/private") if user_mode else Path("/run/systemd/private")
+    private = _bus_socket_paths(user_mode)[1]
     if private.exists():
         try:
             bus = DBusAddress(f"unix:path={private}".encode(), peer_to_peer=True)
@@ -155,16 +154,16 @@ class SystemdBackend(Backend):
     @functools.cached_property
     def bus(self) -> Any:
         bus = _open_bus(self.user_mode)
-        try:
-            self.__dict__["version"] = bus.get_property(DEST, PATH, MANAGER, b"Version", b"s").decode()
+        try:  # the manager's version: proof that it is one
+            self._version: str = bus.get_property(DEST, PATH, MANAGER, b"Version", b"s").decode()
         except Exception as err:
             raise NoBackend(f"systemd answered but not as a manager: {err}") from err
         return bus
 
-    @functools.cached_property
+    @property
     def version(self) -> str:
-        self.bus  # noqa: B018 -- opening the bus reads the version
-        return str(self.__dict__["version"])
+        self.connect()
+        return self._version
 
     @functools.cached_property
     def manager_cgroup(self) -> str:
