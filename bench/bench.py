@@ -35,11 +35,11 @@ except ImportError:  # not installed in this Python: the checkout's sources
     import corral as _installed
 
 from corral import Corral, Dirs, RunSpec  # noqa: E402
-from corral.cgroup import CgroupDir  # noqa: E402
+from corral.linux.cgroup import CgroupDir  # noqa: E402
 
 # The installed console script, as a user runs it (python -m would skip its fast path).
 _SCRIPT = Path(sys.executable).parent / "corral"
-CORRAL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "corral.cli"]
+CORRAL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "corral.cli.main"]
 
 
 def _product() -> str:

@@ -7,7 +7,7 @@ Two numbers per round:
 - *end to end*: N ``corral agents add laneK`` processes started at once, each timed from
   Popen to exit (interpreter start and imports included: on 2 cores that dominates);
 - *in process*: N processes that have already imported corral wait at a start line, then
-  each runs the same command through ``corral.cli.main`` and times only that call; the
+  each runs the same command through ``corral.cli.main.main`` and times only that call; the
   time it spent waiting for the config lock is reported too (from corral's debug log).
 """
 
@@ -23,13 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-CORRAL = [sys.executable, "-m", "corral.cli"]
+CORRAL = [sys.executable, "-m", "corral.cli.main"]
 
 START = "# bench config\n[corral]  # budget\nmemory_max = \"64G\"\n"
 
 _CHILD = r"""
 import logging, re, sys, time
-from corral.cli import main
+from corral.cli.main import main
 waits = []
 class Grab(logging.Handler):
     def emit(self, record):

@@ -80,10 +80,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))  # _auth_util: the real OAuth server of the auth tests
 
-from corral.cgroup import find_cgroup2_mount  # noqa: E402
+from corral.linux.cgroup import find_cgroup2_mount  # noqa: E402
 from corral.paths import Dirs  # noqa: E402
 
-CORRAL = [sys.executable, "-m", "corral.cli"]
+CORRAL = [sys.executable, "-m", "corral.cli.main"]
 DOCUMENTED_EXITS = (0, 1, 2, 3, 69, 75, 77, 78, 124, 126, 127)  # README, "Exit codes"
 LIVE_STATES = ("starting", "running", "paused", "draining")
 SCENARIOS = ("owner", "crash", "config", "token", "fuzz", "load", "hostile", "gcrace", "records", "options", "enospc", "clock",
@@ -534,7 +534,7 @@ def scenario_owner(h: Harness, scale: float) -> list[Result]:
 
 
 def _owner_alive_of(h: Harness, env: dict[str, str], run_id: str, scope: Path) -> bool:
-    from corral.procs import owner_alive
+    from corral.linux.procs import owner_alive
 
     try:
         rec = json.loads((h.dirs(env).runs / f"{run_id}.json").read_text())
@@ -626,7 +626,7 @@ def scenario_crash(h: Harness, scale: float) -> list[Result]:
 
 
 def scenario_config(h: Harness, scale: float) -> list[Result]:
-    from corral.configfile import TEMP_SUFFIX
+    from corral.config.store import TEMP_SUFFIX
 
     rng = h.rng("config")
     env = h.env("config")
@@ -1241,7 +1241,7 @@ def _commands() -> list[tuple[list[str], Any]]:
     """(path, click command) for every leaf command of corral's CLI."""
     import click
 
-    from corral.cli import cli
+    from corral.cli.main import cli
 
     out: list[tuple[list[str], Any]] = []
 

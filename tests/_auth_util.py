@@ -24,7 +24,7 @@ from typing import Any
 from corral.paths import Dirs
 
 HERE = Path(__file__).resolve().parent
-CORRAL = [sys.executable, "-m", "corral.cli"]
+CORRAL = [sys.executable, "-m", "corral.cli.main"]
 STOP_ENV = "CORRAL_AUTH_TEST_STOP_AT"
 REAUTH = "sign in again: corral auth login p1"  # the message for profile p1 when only a new sign-in helps
 

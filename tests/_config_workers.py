@@ -24,7 +24,7 @@ from typing import Any, Callable
 import filelock
 import tomlkit
 
-from corral.configfile import TEMP_SUFFIX, ConfigStore
+from corral.config.store import TEMP_SUFFIX, ConfigStore
 
 
 def hammer(config: Path, worker: int, count: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import psutil
 import pytest
 
-CORRAL = [sys.executable, "-m", "corral.cli"]
+CORRAL = [sys.executable, "-m", "corral.cli.main"]
 
 
 def _usable_backends() -> list[str]:
@@ -42,7 +42,7 @@ def _own_cgroup_root() -> Path | None:
     subprocess inherits it. An explicit CORRAL_CGROUP_ROOT is kept."""
     if "cgroupfs" not in BACKENDS or os.environ.get("CORRAL_CGROUP_ROOT"):
         return None
-    from corral.cgroup import find_cgroup2_mount
+    from corral.linux.cgroup import find_cgroup2_mount
 
     mount = find_cgroup2_mount()
     if mount is None:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from conftest import TEST_CGROUP_ROOT
-from corral.cgroup import CgroupDir
+from corral.linux.cgroup import CgroupDir
 
 pytestmark = pytest.mark.skipif(TEST_CGROUP_ROOT is None, reason="needs a writable cgroup v2 root of our own")
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from corral import AgentNotFound, ConfigBusy, ConfigParseError, ConfigStore, CorralError, Dirs, UsageError
-from corral.config import (
+from corral.config.settings import (
     add_agent,
     get_agent,
     list_agents,
@@ -33,9 +33,9 @@ from corral.config import (
     set_agent,
     set_settings,
 )
-from corral.configfile import TEMP_SUFFIX
+from corral.config.store import TEMP_SUFFIX
 
-CORRAL = [sys.executable, "-m", "corral.cli"]
+CORRAL = [sys.executable, "-m", "corral.cli.main"]
 WORKERS = Path(__file__).with_name("_config_workers.py")
 
 START = """\

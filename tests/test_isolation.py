@@ -28,7 +28,7 @@ SECRET = "rt-secret-0123456789abcdef"
 
 
 def _cgroup_root() -> str:
-    from corral.cgroup import find_cgroup2_mount
+    from corral.linux.cgroup import find_cgroup2_mount
 
     return str(find_cgroup2_mount())
 
@@ -58,7 +58,7 @@ def _assert_all_gone(corral: CorralCLI, agent: str) -> None:
     for scope in corral.scopes_of(agent):
         assert "populated 0" in (scope / "cgroup.events").read_text()
     # nothing carries one of this agent's run ids outside its cgroups either
-    from corral.procs import escaped
+    from corral.linux.procs import escaped
 
     for record in corral.json("ps", "--all", "--json"):
         if record["agent"] == agent:
@@ -87,7 +87,7 @@ def test_run_cannot_write_any_cgroup_file(corral: CorralCLI) -> None:
         corral.wait_for(lambda: [v for v in corral.json("ps", "--json") if v["agent"] == agent and v["pids"] >= 2],
                         what="the run and its sleep")
         # every process whose environment says it belongs to the run is still inside its scope
-        from corral.procs import escaped
+        from corral.linux.procs import escaped
 
         for v in corral.json("ps", "--json"):
             if v["agent"] == agent:

@@ -159,7 +159,7 @@ def test_help_names_exit_codes_environment_and_every_option() -> None:
     import click
 
     import corral.errors as errors
-    from corral.cli import ENVIRONMENT, EXIT_STATUS, cli
+    from corral.cli.main import ENVIRONMENT, EXIT_STATUS, cli
 
     out = subprocess.run([sys.executable, "-m", "corral", "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0

@@ -677,9 +677,9 @@ def test_listing_imports_only_what_it_needs(corral: CorralCLI) -> None:
     agent = corral.agent()
     run_id = corral.detach(agent, "sleep", "30")
     heavy = ("pystemd", "tomlkit", "logging", "psutil", "curses")
-    code = ("import sys, corral.cli\n"
+    code = ("import sys, corral.cli.main\n"
             "sys.argv = ['corral', *sys.argv[1:]]\n"
-            "try:\n    corral.cli.main()\nexcept SystemExit:\n    pass\n"
+            "try:\n    corral.cli.main.main()\nexcept SystemExit:\n    pass\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}), file=sys.stderr)")
     try:
         for args in (("ps", "--json"), ("ps", "--all")):
@@ -698,9 +698,9 @@ def test_a_configured_run_reads_its_config_without_tomlkit(corral: CorralCLI) ->
     conf = Path(corral.env["XDG_CONFIG_HOME"]) / "corral" / "config.toml"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(f'# a comment\n[agents.{agent}]\nenv = {{ FROM_CONFIG = "yes" }}\n')
-    code = ("import sys, corral.cli\n"
+    code = ("import sys, corral.cli.main\n"
             "sys.argv = ['corral', *sys.argv[1:]]\n"
-            "try:\n    corral.cli.main()\nexcept SystemExit:\n    pass\n"
+            "try:\n    corral.cli.main.main()\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tomlkit'), file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code, "run", agent, "--", "sh", "-c", "echo $FROM_CONFIG"],
                           env=corral.env, capture_output=True, text=True, timeout=60)

@@ -25,15 +25,15 @@ import pytest
 
 from conftest import BACKENDS, CORRAL, CorralCLI, alive, kill_pids
 from corral import Busy, Dirs, HolderInfo, Lease, SessionBusy, UsageError, list_sessions
-from corral.cgroup import CgroupDir, join
+from corral.linux.cgroup import CgroupDir, join
 from corral.errors import InvalidName
-from corral.sessions import escape_key, session_dir
+from corral.leases.sessions import escape_key, session_dir
 
 WORKER = r"""
 import fcntl, json, os, subprocess, sys, time
 from pathlib import Path
 from corral import Dirs, HolderInfo, Lease, SessionBusy
-from corral.cgroup import CgroupDir
+from corral.linux.cgroup import CgroupDir
 
 cfg = json.loads(sys.argv[1])
 dirs = Dirs(**{k: Path(v) for k, v in cfg["dirs"].items()})
@@ -93,7 +93,7 @@ for round_ in range(cfg.get("rounds", 1)):  # round 2+: arrive again right after
 RUN_HOLDER = r"""
 import json, os, sys, time
 from corral import Corral, Dirs, Lease, RunSpec
-from corral.isolation import Isolation
+from corral.isolation.sandbox import Isolation
 agent, key, m1, m2 = sys.argv[1:5]
 dirs = Dirs.from_env()
 lease = Lease.acquire(dirs, agent, key, timeout=10)

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from conftest import CORRAL, CorralCLI
-from corral.cgroup import CgroupDir, parse_pressure
-from corral.top import SORT_KEYS, Point, RunRow, sort_rows, sparkline
+from corral.linux.cgroup import CgroupDir, parse_pressure
+from corral.runs.top import SORT_KEYS, Point, RunRow, sort_rows, sparkline
 
 BUSY = ("sh", "-c", "while :; do :; done")
 # 200 MiB, each page written: untouched zeros would be no memory at all
@@ -143,17 +143,17 @@ def test_sparkline_and_sort() -> None:
     assert [r.id for r in sort_rows(rows, "cpu")] == ["c", "b", "a"]  # unknown last
     assert [r.id for r in sort_rows(rows, "mem")] == ["a", "c", "b"]
     assert [r.id for r in sort_rows(rows, "age")] == ["b", "c", "a"]  # oldest first
-    from corral.cli_top import SORT_KEYS as CLI_KEYS
+    from corral.cli.top import SORT_KEYS as CLI_KEYS
 
     assert CLI_KEYS == SORT_KEYS
 
 
 def test_ps_does_not_import_top() -> None:
     """corral ps pays nothing for top: neither curses nor the sampler is imported."""
-    code = ("import sys, corral.cli\n"
+    code = ("import sys, corral.cli.main\n"
             "sys.argv = ['corral', 'ps', '--help']\n"
-            "try:\n    corral.cli.main()\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in sys.modules if m in ('curses', '_curses', 'corral.top', 'corral.top_screen')))")
+            "try:\n    corral.cli.main.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m in ('curses', '_curses', 'corral.runs.top', 'corral.cli.top_screen')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

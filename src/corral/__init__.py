@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _WHERE = {
-    "Corral": "core", "Run": "core", "RunView": "core",
-    "AgentConfig": "config", "ConfigStore": "config", "Settings": "config",
-    "ConfigBusy": "configfile", "ConfigParseError": "configfile",
-    "Dirs": "paths", "RunRecord": "records", "Limits": "spec", "RunSpec": "spec", "Isolation": "isolation", "Outcome": "supervise",
-    "HolderInfo": "sessions", "Lease": "sessions", "SessionInfo": "sessions", "Waiting": "sessions",
-    "list_sessions": "sessions",
+    "Corral": "runs.corral", "Run": "runs.corral", "RunView": "runs.corral",
+    "AgentConfig": "config.settings", "ConfigStore": "config.settings", "Settings": "config.settings",
+    "ConfigBusy": "config.store", "ConfigParseError": "config.store",
+    "Dirs": "paths", "RunRecord": "records", "Limits": "spec", "RunSpec": "spec", "Isolation": "isolation.sandbox", "Outcome": "runs.supervise",
+    "HolderInfo": "leases.sessions", "Lease": "leases.sessions", "SessionInfo": "leases.sessions", "Waiting": "leases.sessions",
+    "list_sessions": "leases.sessions",
     **{name: "errors" for name in (
         "AgentNotFound", "ArgumentTypeError", "AuthBusy", "AuthError", "BackendError", "Busy", "CommandNotExecutable",
         "CommandNotFound", "ConfigError", "CorralError", "InvalidName",
@@ -85,9 +85,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly (`X as X`: re-exported)
-    from .config import AgentConfig as AgentConfig, ConfigStore as ConfigStore, Settings as Settings
-    from .configfile import ConfigBusy as ConfigBusy, ConfigParseError as ConfigParseError
-    from .core import Corral as Corral, Run as Run, RunView as RunView
+    from .config.settings import AgentConfig as AgentConfig, ConfigStore as ConfigStore, Settings as Settings
+    from .config.store import ConfigBusy as ConfigBusy, ConfigParseError as ConfigParseError
     from .errors import (
         AgentNotFound as AgentNotFound,
         ArgumentTypeError as ArgumentTypeError,
@@ -112,15 +111,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly (`X as 
         TeardownIncomplete as TeardownIncomplete,
         UsageError as UsageError,
     )
-    from .isolation import Isolation as Isolation
-    from .paths import Dirs as Dirs
-    from .records import RunRecord as RunRecord
-    from .sessions import (
+    from .isolation.sandbox import Isolation as Isolation
+    from .leases.sessions import (
         HolderInfo as HolderInfo,
         Lease as Lease,
         SessionInfo as SessionInfo,
         Waiting as Waiting,
         list_sessions as list_sessions,
     )
+    from .paths import Dirs as Dirs
+    from .records import RunRecord as RunRecord
+    from .runs.corral import Corral as Corral, Run as Run, RunView as RunView
+    from .runs.supervise import Outcome as Outcome
     from .spec import Limits as Limits, RunSpec as RunSpec
-    from .supervise import Outcome as Outcome

@@ -14,7 +14,7 @@ import gc
 def main() -> None:
     gc.disable()
     try:
-        from .cli import main as cli_main
+        from .cli.main import main as cli_main
     finally:
         gc.freeze()
         gc.enable()

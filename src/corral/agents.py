@@ -17,7 +17,7 @@ from typing import Any
 
 from . import worktree as _wt
 from ._log import log
-from .config import (
+from .config.settings import (
     AgentConfig,
     add_agent,
     get_agent,
@@ -33,7 +33,7 @@ from .paths import Dirs
 def stop_agent_runs(name: str, *, dirs: Dirs, backend: str | None = None, grace: float = 10.0) -> list[str]:
     """Stop the agent's live runs; return their ids. Kept small on purpose: how runs are
     found may change when ``corral run`` takes its settings from the agent."""
-    from .core import Corral  # lazily: config commands should not load the run engine
+    from .runs.corral import Corral  # lazily: config commands should not load the run engine
 
     with Corral(backend, dirs=dirs) as c:
         try:

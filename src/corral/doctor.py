@@ -8,7 +8,7 @@ from typing import Any
 
 from .backends import detect, probe_all
 from .errors import NoBackend
-from .isolation import probe as probe_isolation
+from .isolation.sandbox import probe as probe_isolation
 from .paths import Dirs
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ArgumentTypeError, UsageError
-from .isolation import Isolation
+from .isolation.sandbox import Isolation
 from .names import validate_agent
 from .units import (
     MAX_TASKS,

@@ -305,7 +305,7 @@ class ClaudeApiKeyAdapter(ClaudeAdapter):
             loaded = json.loads((source / "settings.json").read_text())
             settings = loaded if isinstance(loaded, dict) else {}
         # The interpreter corral runs on, by absolute path: the run's PATH may lack corral.
-        settings["apiKeyHelper"] = shlex.join([sys.executable, "-m", "corral.cli", "auth", "token",
+        settings["apiKeyHelper"] = shlex.join([sys.executable, "-m", "corral.cli.main", "auth", "token",
                                                self.profile.name])
         self._write_json(home / "settings.json", settings, mode=0o400)
         return {"CLAUDE_CONFIG_DIR": str(home), "CLAUDE_CODE_API_KEY_HELPER_TTL_MS": str(self.HELPER_TTL_MS)}

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from .._log import log
-from ..cgroup import run_of
 from ..errors import (
     AuthBusy,
     Busy,
@@ -52,6 +51,7 @@ from ..errors import (
     UsageError,
     translate_oserror,
 )
+from ..linux.cgroup import run_of
 from ..paths import Dirs
 from .refresh import DEFAULT_TIMEOUT, AccessToken, get_token
 

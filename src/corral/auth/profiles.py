@@ -17,7 +17,7 @@ The endpoint settings (token_url, client_id, scope, token_format) are copied int
 store at sign-in and refreshes use that copy: a run that can write config.toml must not
 be able to point a refresh, and the refresh token in it, at a listener of its own.
 Agents reference a profile by name (``agents add --auth NAME``); nothing is copied.
-Every change goes through :class:`~corral.configfile.ConfigStore` (locked, atomic).
+Every change goes through :class:`~corral.config.store.ConfigStore` (locked, atomic).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import tomlkit
 
-from ..config import normalize as _normalize_setting, open_store
+from ..config.settings import normalize as _normalize_setting, open_store
 from ..errors import (
     ConfigError,
     PermissionDenied,

@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .. import _flock
 from ..errors import AuthBusy, PermissionDenied, SignInAgain, translate_oserror
+from ..linux import flock as _flock
 from ..paths import Dirs
 from ..records import atomic_write
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .._log import log
-from ..cgroup import CgroupDir, find_v1_mount
 from ..errors import TeardownIncomplete
+from ..linux.cgroup import CgroupDir, find_v1_mount
+from ..linux.procs import rss_sum
 from ..names import agent_slice, parse_agent_slice, parse_scope_name, scope_name
-from ..procs import rss_sum
 from ..spec import Limits
 
 # kernel file for each limit in cgroup v2 and in a v1 hierarchy (hybrid layouts)
@@ -274,7 +274,7 @@ def _read_limit(cgroup: CgroupDir, key: str) -> int | float | None:
 
 
 def _relative_cgroup(path: Path) -> str | None:
-    from ..cgroup import find_cgroup2_mount
+    from ..linux.cgroup import find_cgroup2_mount
 
     mount = find_cgroup2_mount()
     if mount is None:

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from .._log import log
-from ..cgroup import CgroupDir, find_cgroup2_mount
 from ..errors import NoBackend, translate_oserror
+from ..linux.cgroup import CgroupDir, find_cgroup2_mount
 from ..names import ROOT_SLICE, agent_slice, scope_name
 from ..spec import Limits
 from .base import Backend, Probe, v2_limit_files

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .._log import log
-from ..cgroup import CgroupDir, find_cgroup2_mount
 from ..errors import BackendError, CorralError, NoBackend, PermissionDenied
+from ..linux.cgroup import CgroupDir, find_cgroup2_mount
 from ..names import ROOT_SLICE, agent_slice, scope_name
 from ..spec import Limits
 from .base import Backend, Probe
