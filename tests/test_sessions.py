@@ -27,7 +27,7 @@ from conftest import BACKENDS, CORRAL, CorralCLI, alive, kill_pids
 from corral import Busy, Dirs, HolderInfo, Lease, SessionBusy, UsageError, list_sessions
 from corral.linux.cgroup import CgroupDir, join
 from corral.errors import InvalidName
-from corral.leases.sessions import escape_key, session_dir
+from corral.leases.session_files import escape_key, session_dir
 
 WORKER = r"""
 import fcntl, json, os, subprocess, sys, time
@@ -93,7 +93,7 @@ for round_ in range(cfg.get("rounds", 1)):  # round 2+: arrive again right after
 RUN_HOLDER = r"""
 import json, os, sys, time
 from corral import Corral, Dirs, Lease, RunSpec
-from corral.isolation.sandbox import Isolation
+from corral.isolation.policy import Isolation
 agent, key, m1, m2 = sys.argv[1:5]
 dirs = Dirs.from_env()
 lease = Lease.acquire(dirs, agent, key, timeout=10)

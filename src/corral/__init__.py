@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _WHERE = {
-    "Corral": "runs.corral", "Run": "runs.corral", "RunView": "runs.corral",
+    "Corral": "runs.corral", "Run": "runs.corral", "RunView": "runs.listing",
     "AgentConfig": "config.settings", "ConfigStore": "config.settings", "Settings": "config.settings",
-    "ConfigBusy": "config.store", "ConfigParseError": "config.store",
-    "Dirs": "paths", "RunRecord": "records", "Limits": "spec", "RunSpec": "spec", "Isolation": "isolation.sandbox", "Outcome": "runs.supervise",
-    "HolderInfo": "leases.sessions", "Lease": "leases.sessions", "SessionInfo": "leases.sessions", "Waiting": "leases.sessions",
-    "list_sessions": "leases.sessions",
+    "ConfigBusy": "config.lock", "ConfigParseError": "config.store",
+    "Dirs": "paths", "RunRecord": "records", "Limits": "spec", "RunSpec": "spec", "Isolation": "isolation.policy", "Outcome": "runs.supervise",
+    "Lease": "leases.sessions",
+    **{name: "leases.session_files" for name in ("HolderInfo", "SessionInfo", "Waiting", "list_sessions")},
     **{name: "errors" for name in (
         "AgentNotFound", "ArgumentTypeError", "AuthBusy", "AuthError", "BackendError", "Busy", "CommandNotExecutable",
         "CommandNotFound", "ConfigError", "CorralError", "InvalidName",
@@ -85,8 +85,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly (`X as X`: re-exported)
+    from .config.lock import ConfigBusy as ConfigBusy
     from .config.settings import AgentConfig as AgentConfig, ConfigStore as ConfigStore, Settings as Settings
-    from .config.store import ConfigBusy as ConfigBusy, ConfigParseError as ConfigParseError
+    from .config.store import ConfigParseError as ConfigParseError
     from .errors import (
         AgentNotFound as AgentNotFound,
         ArgumentTypeError as ArgumentTypeError,
@@ -111,16 +112,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly (`X as 
         TeardownIncomplete as TeardownIncomplete,
         UsageError as UsageError,
     )
-    from .isolation.sandbox import Isolation as Isolation
-    from .leases.sessions import (
+    from .isolation.policy import Isolation as Isolation
+    from .leases.session_files import (
         HolderInfo as HolderInfo,
-        Lease as Lease,
         SessionInfo as SessionInfo,
         Waiting as Waiting,
         list_sessions as list_sessions,
     )
+    from .leases.sessions import Lease as Lease
     from .paths import Dirs as Dirs
     from .records import RunRecord as RunRecord
-    from .runs.corral import Corral as Corral, Run as Run, RunView as RunView
+    from .runs.corral import Corral as Corral, Run as Run
+    from .runs.listing import RunView as RunView
     from .runs.supervise import Outcome as Outcome
     from .spec import Limits as Limits, RunSpec as RunSpec

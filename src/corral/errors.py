@@ -146,7 +146,7 @@ class SessionBusy(Busy):
         super().__init__(message, hint=hint)
         self.agent = agent
         self.key = key
-        self.holder = holder  # a corral.leases.sessions.HolderInfo, or None if nobody said who they are
+        self.holder = holder  # a corral.leases.session_files.HolderInfo, or None if nobody said who they are
         self.pids = pids or []  # live processes of the previous run, when it was still draining
         self.waited = waited
 

@@ -92,8 +92,8 @@ class RunRecord:
     adopted: bool = False  # found live by name, with no (usable) record of ours
     problem: str | None = None  # why an adopted run has no usable record
     grants: list[str] = field(default_factory=list)  # auth profiles the broker serves this run
-    journal: bool = False  # its output also went to the journal (runlog.py)
-    # What it used, recorded at its end (meter.py): an ended run keeps its numbers.
+    journal: bool = False  # its output also went to the journal (runs/output.py)
+    # What it used, recorded at its end (runs/meter.py): an ended run keeps its numbers.
     peak_memory_bytes: int | None = None
     peak_memory_source: str | None = None  # memory.peak | sampled
     cpu_usec: int | None = None

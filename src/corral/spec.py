@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ArgumentTypeError, UsageError
-from .isolation.sandbox import Isolation
+from .isolation.policy import Isolation
 from .names import validate_agent
 from .units import (
     MAX_TASKS,
@@ -68,7 +68,7 @@ class RunSpec:
     grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop/signal
     keep_leftovers: bool = False  # let processes main left behind end on their own
     strict_limits: bool = False  # refuse to start where a requested limit would not be enforced
-    log_max: int | str | None = None  # a detached run's log rotates at this size (runlog.py; default 10M)
+    log_max: int | str | None = None  # a detached run's log rotates at this size (runs/output.py; default 10M)
     isolation: Isolation = field(default_factory=Isolation)  # the boundary around the run
     # Auth profiles granted to the run (auth/runauth.py): each is written in the form its
     # kind's CLI reads, and the run's broker socket serves these and no others.

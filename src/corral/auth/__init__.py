@@ -9,12 +9,15 @@ copied into agents (issue 6; "Auth broker" in DESIGN.md).
 - :mod:`.broker` / :mod:`.client`: the unix-socket daemon and its callers;
 - :mod:`.runauth` / :mod:`.adapters`: what a run granted profiles gets (its own broker
   socket; codex's, Claude Code's or a variable's form of the credential, kept fresh).
+
+May import: corral.errors, corral.paths, corral._log, corral.records, corral.linux,
+corral.config.
 """
 
 from __future__ import annotations
 
-from .broker import Broker, run_broker, socket_path
-from .client import PROFILE_ENV, SOCKET_ENV, access_token, token_from_broker
+from .broker import Broker, run_broker
+from .client import PROFILE_ENV, SOCKET_ENV, access_token, socket_path, token_from_broker
 from .importers import read_auth_file
 from .profiles import DEFAULT_ENV_VAR, Profile, add_profile, get_profile, list_profiles
 from .refresh import AccessToken, get_token, login

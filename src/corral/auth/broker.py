@@ -53,6 +53,7 @@ from ..errors import (
 )
 from ..linux.cgroup import run_of
 from ..paths import Dirs
+from .client import socket_path, token_from_broker
 from .refresh import DEFAULT_TIMEOUT, AccessToken, get_token
 
 PROTOCOL_VERSION = 1
@@ -61,10 +62,6 @@ IDLE_TIMEOUT = 30.0  # a connection that sends nothing for this long is dropped
 MAX_CONNECTIONS = 512  # one thread each; beyond this, new connections are closed at once
 SD_LISTEN_FDS_START = 3
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def socket_path(dirs: Dirs) -> Path:
-    return dirs.runtime / "broker.sock"
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
@@ -326,8 +323,6 @@ class Broker:
 
     def token(self, profile: str, *, timeout: float, min_valid: float = 0.0) -> AccessToken:
         if self.only is not None and not min_valid:
-            from .client import token_from_broker
-
             got = token_from_broker(socket_path(self.dirs), profile, timeout=timeout)
             if got is not None:
                 return got

@@ -24,11 +24,15 @@ from ..errors import (
     UsageError,
 )
 from ..paths import Dirs
-from .broker import socket_path
 from .refresh import DEFAULT_HTTP_TIMEOUT, DEFAULT_TIMEOUT, AccessToken, get_token
 
 SOCKET_ENV = "CORRAL_AUTH_SOCKET"
 PROFILE_ENV = "CORRAL_AUTH_PROFILE"
+
+
+def socket_path(dirs: Dirs) -> Path:
+    return dirs.runtime / "broker.sock"
+
 
 
 def broker_socket(dirs: Dirs) -> Path:

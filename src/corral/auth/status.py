@@ -6,8 +6,7 @@ import time
 from typing import Any
 
 from ..paths import Dirs
-from .broker import socket_path
-from .client import ask_broker
+from .client import ask_broker, socket_path
 from .profiles import Profile, get_profile, list_profiles
 from .store import TokenStore, iso
 

@@ -1,4 +1,12 @@
-"""Backend choice, made in one place, by reading the machine."""
+"""The backends, and the choice between them, made in one place by reading the machine.
+
+:class:`~.base.Backend` is the one abstract interface: make a run's scope, place pids in
+it, read its usage, freeze, kill and release it. :mod:`.systemd` does that with transient
+scopes over D-Bus (pystemd), :mod:`.cgroupfs` with cgroup v2 directories of its own where
+systemd is not PID 1. Both kill through the same ``cgroup.kill`` (:mod:`corral.linux.cgroup`).
+
+May import: corral.errors, corral.names, corral._log, corral.spec, corral.linux.
+"""
 
 from __future__ import annotations
 

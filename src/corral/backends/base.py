@@ -193,7 +193,16 @@ class Backend(ABC):
         return out
 
     def teardown(self, cgroup: CgroupDir, *, timeout: float = 10.0) -> None:
-        """SIGKILL the whole cgroup and return once ``populated 0``; raise with survivors."""
+        """SIGKILL the whole cgroup and return once ``populated 0``; raise with survivors.
+
+        Why ``cgroup.kill`` and then ``populated 0``: one write to ``cgroup.kill`` SIGKILLs
+        every process below, forks in flight included, so nothing escapes by forking faster
+        than a pid-by-pid kill walks the list (a tree kill by parent pid also misses what
+        double-forked away). But SIGKILL is delivered, not finished: the processes are gone
+        only when ``cgroup.events`` says ``populated 0`` (waited on with poll(2)). Returning
+        before that would let ``ps`` show a killed run as live, and a session's next run
+        start beside its predecessor's last processes.
+        """
         t0 = time.monotonic()
         cgroup.kill()
         if not cgroup.wait_empty(timeout):

@@ -10,7 +10,7 @@ from ..paths import Dirs
 from .output import echo_json, table
 
 if TYPE_CHECKING:
-    from ..leases.sessions import SessionInfo
+    from ..leases.session_files import SessionInfo
 
 
 @click.group()
@@ -37,7 +37,7 @@ def _row(s: SessionInfo) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def list_(agent: str | None, as_json: bool) -> None:
     """Every session: held (with its holder run), draining (and why), free (last holder)."""
-    from ..leases.sessions import (
+    from ..leases.session_files import (
         list_sessions,  # lazily: corral's other commands do not need it
     )
 

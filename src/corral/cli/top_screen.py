@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CorralError
 from ..runs.top import SORT_KEYS, SPARK_ASCII, SPARK_UTF8, sort_rows, sparkline
 from .output import duration
-from .top import cells, host_pressure, title
+from .top_text import cells, host_pressure, title
 
 if TYPE_CHECKING:
     from ..runs.corral import Corral

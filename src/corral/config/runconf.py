@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import UsageError
-from ..isolation.sandbox import Isolation
+from ..isolation.policy import Isolation
 from ..names import validate_agent
 from ..paths import Dirs
 from ..spec import Limits, RunSpec

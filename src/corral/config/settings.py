@@ -39,7 +39,8 @@ from ..names import validate_agent
 from ..paths import Dirs
 from ..spec import Limits
 from ..worktree import Worktree
-from .store import DEFAULT_LOCK_TIMEOUT, ConfigBusy, ConfigParseError, ConfigStore
+from .lock import ConfigBusy
+from .store import DEFAULT_LOCK_TIMEOUT, ConfigParseError, ConfigStore
 from .values import (
     AGENT_KEYS,
     DEFAULT_KEYS,

@@ -7,7 +7,7 @@ others, so some agents were lost):
 1. lock ``<target>.lock`` with flock(2), exclusive: the kernel drops it when a holder
    dies, so a killed writer never leaves a stale lock behind. It is the lock filelock's
    ``UnixFileLock`` takes on the same path, so a tool using filelock there excludes us and
-   we it. corral takes it itself (:mod:`._flock`, shared with the leases) because
+   we it. corral takes it itself (:mod:`.lock`, on :mod:`corral.linux.flock`) because
    filelock 4's import (its async, SQLite and soft-lock backends) costs ~40 ms, half of
    an ``agents add``; and a waiter blocks in the kernel instead of polling, so under 64
    writers the lock passes on at once, not at the next 10 ms poll;
@@ -25,9 +25,6 @@ creates a temp file there, so a holder may delete temp files a killed writer lef
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import os
 import re
 import stat
@@ -39,8 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._log import log
-from ..errors import Busy, ConfigError, CorralError, PermissionDenied
+from ..errors import ConfigError, CorralError, PermissionDenied
 from ..linux import flock as _flock
+from .lock import config_os_error, take_lock
 
 if TYPE_CHECKING:
     from tomlkit.toml_document import TOMLDocument
@@ -53,19 +51,6 @@ TEMP_SUFFIX = ".corral-tmp"
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
-class ConfigBusy(Busy):
-    """The config lock was not granted in time (exit 75). Carries the lock and its holders."""
-
-    def __init__(self, lock_path: Path, timeout: float, holders: list[int]) -> None:
-        who = f" (held by pid {', '.join(map(str, holders))})" if holders else ""
-        super().__init__(
-            f"config lock {lock_path} not granted within {timeout:g}s{who}",
-            hint="another corral is editing the config; retry, or check the holder with: cat /proc/locks",
-        )
-        self.lock_path = lock_path
-        self.holders = holders
-
-
 class ConfigParseError(ConfigError):
     """The config file is not valid TOML (exit 78). ``line`` and ``column`` are 1-based."""
 
@@ -76,17 +61,6 @@ class ConfigParseError(ConfigError):
         self.path = path
         self.line = line
         self.column = column
-
-
-def _oserror(err: OSError, what: str, path: Path | str) -> CorralError:
-    """An OSError on the config, its directory or its lock, in corral's tree (once, here)."""
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDenied(f"{what}: permission denied ({path})",
-                                hint="check the owner and mode of the file and its directory, or run as its owner")
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CorralError(f"{what}: no space left on the filesystem ({path}); the file was not changed",
-                           hint=f"free space there (df -h {path}), then try again")
-    return CorralError(f"{what}: {err.strerror or err} ({path})")
 
 
 def resolve_target(path: Path) -> Path:
@@ -113,50 +87,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _take_lock(lock_path: Path, mode: int, timeout: float) -> int:
-    """An fd holding flock(LOCK_EX) on *lock_path* (created with *mode* if missing), or
-    ConfigBusy after *timeout* seconds. The lock file is never followed through a symlink."""
-    try:
-        try:
-            fd = _flock.open_private(lock_path, os.O_RDWR)
-        except FileNotFoundError:
-            fd = _flock.open_private(lock_path, os.O_RDWR | os.O_CREAT, mode)
-            with contextlib.suppress(OSError):
-                os.fchmod(fd, mode)  # the umask must not narrow who may take it
-    except OSError as err:
-        raise _oserror(err, "lock config", lock_path) from err
-    try:
-        taken = _flock.flock_until(fd, fcntl.LOCK_EX, time.monotonic() + timeout)
-    except OSError as err:
-        _flock.close_private(fd)
-        raise _oserror(err, "lock config", lock_path) from err
-    except BaseException:  # Ctrl-C while waiting: the fd must not outlive the wait
-        _flock.close_private(fd)
-        raise
-    if not taken:
-        _flock.close_private(fd)
-        raise ConfigBusy(lock_path, timeout, _lock_holders(lock_path))
-    return fd
-
-
-def _lock_holders(lock_path: Path) -> list[int]:
-    """Pids holding a flock on *lock_path*, from /proc/locks (best effort, for messages)."""
-    try:
-        st = os.stat(lock_path)
-        text = Path("/proc/locks").read_text()
-    except OSError:
-        return []
-    want = f":{st.st_ino}"
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}{want}"
-    pids = []
-    for line in text.splitlines():
-        parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF"; waiters are marked "->".
-        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == dev and parts[4].isdigit():
-            pids.append(int(parts[4]))
-    return sorted(set(pids))
 
 
 def parse_toml(text: bytes, path: Path) -> TOMLDocument:
@@ -213,19 +143,19 @@ class ConfigStore:
         except IsADirectoryError as err:
             raise ConfigError(f"{target}: is a directory, not a config file") from err
         except OSError as err:
-            raise _oserror(err, "read config", target) from err
+            raise config_os_error(err, "read config", target) from err
         try:
             try:
                 st = os.fstat(fd)
             except OSError as err:
-                raise _oserror(err, "read config", target) from err
+                raise config_os_error(err, "read config", target) from err
             self._check_file(target, st)
             self._check_mode(target, st)
             try:
                 with os.fdopen(fd, "rb", closefd=False) as f:
                     data = f.read(MAX_CONFIG_BYTES + 1)
             except OSError as err:
-                raise _oserror(err, "read config", target) from err
+                raise config_os_error(err, "read config", target) from err
         finally:
             os.close(fd)
         if len(data) > MAX_CONFIG_BYTES:
@@ -249,7 +179,7 @@ class ConfigStore:
         except FileNotFoundError:
             return
         except OSError as err:
-            raise _oserror(err, "read config", target) from err
+            raise config_os_error(err, "read config", target) from err
         self._check_file(target, st)
         self._check_mode(target, st)
 
@@ -316,7 +246,7 @@ class ConfigStore:
             self._ensure_dir(target.parent)
             lock_path = target.with_name(target.name + ".lock")
             started = time.monotonic()
-            fd = _take_lock(lock_path, self._lock_mode(target), self.lock_timeout)
+            fd = take_lock(lock_path, self._lock_mode(target), self.lock_timeout)
             try:
                 if self.target != target:
                     continue  # a link in the chain changed while we waited: lock the new target
@@ -349,7 +279,7 @@ class ConfigStore:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise _oserror(err, "create config dir", directory) from err
+            raise config_os_error(err, "create config dir", directory) from err
 
     @staticmethod
     def _lock_mode(target: Path) -> int:
@@ -395,7 +325,7 @@ class ConfigStore:
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=directory)
         except OSError as err:
-            raise _oserror(err, "write config", directory) from err
+            raise config_os_error(err, "write config", directory) from err
         try:
             try:
                 self._copy_owner_and_mode(fd, target, st)
@@ -412,7 +342,7 @@ class ConfigStore:
             except FileNotFoundError:
                 pass
             if isinstance(err, OSError) and not isinstance(err, CorralError):
-                raise _oserror(err, "write config", target) from err
+                raise config_os_error(err, "write config", target) from err
             raise
         try:
             dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -454,7 +384,6 @@ def _owner(path: Path) -> int | None:
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
-    "ConfigBusy",
     "ConfigParseError",
     "ConfigStore",
     "parse_toml",

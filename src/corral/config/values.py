@@ -126,7 +126,7 @@ def normalize(key: str, value: Any, *, cwd: str | None = None) -> Any:
 
 
 def _isolation_value(key: str, value: Any) -> Any:
-    from ..isolation.sandbox import parse_level, parse_names, parse_network, parse_user
+    from ..isolation.policy import parse_level, parse_names, parse_network, parse_user
 
     if key == "isolation":
         return parse_level(value)

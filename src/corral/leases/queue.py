@@ -11,7 +11,7 @@ its file is unlinked by whoever walks past it. Everything is per session directo
 
 The holder keeps its ticket for the whole lease, so the head of the line waits on the
 holder's ticket like everyone else (with LOCK_SH, through a helper thread when there is
-a deadline: see ``_flock``), and only then takes ``lease``, which is free by then.
+a deadline: see :mod:`corral.linux.flock`), and only then takes ``lease``, which is free by then.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from ..linux.cgroup import CgroupDir
 from ..linux.procs import owner_alive
 from ..records import now_iso
+from .listing import reconcile
 
 if TYPE_CHECKING:
-    from .corral import Corral
+    from .context import RunContext
 
 DEFAULT_RETENTION = 7 * 86400.0
 
@@ -35,7 +36,7 @@ class GcReport:
                 "swept_temps": self.swept_temps}
 
 
-def _owner_alive(corral: Corral, run_id: str, scope: CgroupDir) -> bool:
+def _owner_alive(corral: RunContext, run_id: str, scope: CgroupDir) -> bool:
     """Is someone still guarding this run? Its recorded owner, if we have a record with
     one. Otherwise (a run of another state dir, or one still starting) corral's processes
     in ``supervisor/``: a running watchdog means an owner holds its pipe (it kills the run
@@ -57,7 +58,7 @@ def _owner_alive(corral: Corral, run_id: str, scope: CgroupDir) -> bool:
     return False
 
 
-def collect(corral: Corral, *, retention: float = DEFAULT_RETENTION) -> GcReport:
+def collect(corral: RunContext, *, retention: float = DEFAULT_RETENTION) -> GcReport:
     report = GcReport()
     backend = corral.backend
     for scope in backend.live_scopes():
@@ -103,7 +104,7 @@ def collect(corral: Corral, *, retention: float = DEFAULT_RETENTION) -> GcReport
     # records: reconcile live-looking ones, prune ended ones past retention
     cutoff = time.time() - retention
     for record in list(corral.store.all()):
-        record = corral._reconcile(record)
+        record = reconcile(corral.store, record)
         if not record.ended or not record.ended_at:
             continue
         try:

@@ -147,7 +147,7 @@ def _child(
                 os.dup2(fd, target)
             else:
                 os.set_inheritable(fd, True)
-        if ctty:  # the run's own pty (terminal.py): its controlling terminal, not the caller's
+        if ctty:  # the run's own pty (linux/terminal.py): its controlling terminal, not the caller's
             import fcntl
             import termios
 

@@ -5,10 +5,7 @@ or the small process a ``--detach`` run leaves in its scope). It waits on pidfds
 signal wakeup fd with poll(2); no busy loops. When the main command ends, whatever it
 left in the cgroup is killed and the end is recorded.
 
-The watchdog is a tiny ``sh`` in the run's cgroup that blocks reading a pipe whose only
-writer is the owner. If the owner dies, even by SIGKILL, the kernel closes the pipe, the
-read returns, and the watchdog writes ``cgroup.kill``: nothing outlives its owner. When
-the owner ends normally it writes ``done`` first.
+The watchdog (:mod:`.watchdog`) kills the run if the owner dies.
 """
 
 from __future__ import annotations
@@ -17,40 +14,23 @@ import errno
 import os
 import select
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..linux.cgroup import CgroupDir
-from ..linux.procs import children
 from ..records import RunRecord, now_iso
 from .meter import RunMeter
+from .signals import FORWARDED, JOB_CONTROL, SignalRelay, raise_interrupt
 from .spawn import exit_code_of
+from .watchdog import tell_watchdog_done
 
 if TYPE_CHECKING:
     from ..backends import Backend
     from ..linux.flock import HeldLock
     from ..linux.terminal import PtyRelay
     from ..records import RecordStore
-    from .runlog import OutputPump
-
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-JOB_CONTROL = (signal.SIGTSTP, signal.SIGCONT, signal.SIGWINCH)
-
-# sh: ignore terminal and stop signals (the owner decides), wait for "done" or EOF. On
-# EOF (the owner died): kill the run whole, then note when, so that the end is on record
-# without anyone having to look (records.RecordStore reads the note; it holds no secret).
-WATCHDOG_SCRIPT = (  # $1 is the scope's cgroup.kill, $2 the run's .lost note
-    "trap '' INT HUP QUIT TERM; "
-    'while read -r line; do [ "$line" = done ] && exit 0; done; '
-    # The note first: cgroup.kill takes the watchdog too (it lives in the scope).
-    '[ -z "$2" ] || date -u +%Y-%m-%dT%H:%M:%S.000Z > "$2"; echo 1 > "$1"'
-)
-
-
-def watchdog_argv(kill_file: str, lost_note: str = "") -> list[str]:
-    return ["/bin/sh", "-c", WATCHDOG_SCRIPT, "corral-watchdog", kill_file, lost_note]
+    from .output import OutputPump
 
 
 @dataclass
@@ -79,7 +59,7 @@ def outcome_state(exit_code: int | None, sig: int | None, ended_by: str) -> str:
     return "exited" if exit_code == 0 else "failed"
 
 
-class Owner:
+class Owner(SignalRelay):
     """Owns one run until it ends. Used by the attached CLI, the library and detached owners.
 
     The owner is never in the payload: it kills the payload, reaps, records, and only then
@@ -120,13 +100,13 @@ class Owner:
         # main is bwrap: signals go to the command inside (bwrap ignores them), and a
         # command killed by signal N comes back as exit status 128+N.
         self.sandboxed = sandboxed
-        self.terminal = terminal  # the run's own pty, relayed while we wait (terminal.py)
+        self.terminal = terminal  # the run's own pty, relayed while we wait (linux/terminal.py)
         self._command_pid: int | None = None
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
         self.leases: list[HeldLock] = []  # session leases held for the run, released once it is torn down
         self.services: Any = None  # the run's auth (auth/runauth.py): served while it lives, closed at its end
-        self.output: OutputPump | None = None  # a detached run's log writer (runlog.py): finished before the end record
+        self.output: OutputPump | None = None  # a detached run's log writer (output.py): finished before the end record
         self.meter = RunMeter(self.payload)  # peak memory, CPU time: the ended run's numbers
         # What the one waiting should hear while it waits (the CLI prints it): a grace
         # that ran out, a deadline that struck. The library stays silent by default.
@@ -297,7 +277,7 @@ class Owner:
             leftovers_killed=leftovers,
             **self.meter.final(),
         )
-        _tell_watchdog_done(self.watchdog_fd)
+        tell_watchdog_done(self.watchdog_fd)
         self._reap(self.watchdog_pid)
         # The run has ended whatever the disk says: teardown, release and the exit status
         # must not depend on this write (a full state filesystem).
@@ -338,7 +318,7 @@ class Owner:
         if self.timeout:
             left = max(0.0, self.started + self.timeout - time.monotonic())
         try:
-            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+            previous = signal.signal(signal.SIGTERM, raise_interrupt)
         except ValueError:  # not the main thread: no signal handling, just wait
             previous = None
         try:
@@ -390,76 +370,6 @@ class Owner:
             except ChildProcessError:
                 return
 
-    def _forward(self, sig: int) -> None:
-        if self.sandboxed:
-            # The command has its own session: the terminal's Ctrl-C reached only us.
-            target = self._sandboxed_command()
-        elif sig == signal.SIGINT and _tty_delivered():
-            return  # the terminal already sent it to the whole foreground group, main included
-        else:
-            target = self.main_pid
-        try:
-            os.kill(target, sig)
-        except ProcessLookupError:
-            pass
-
-    def _job_control(self, sig: int) -> None:
-        """A sandboxed run is in its own session, so the terminal's Ctrl-Z and resizes reach
-        only us. Ctrl-Z: stop the run's process group, then ourselves, as a shell expects of
-        a foreground job; on ``fg`` (SIGCONT) continue it. A resize: tell the command."""
-        pty = self.terminal
-        if sig == signal.SIGWINCH:
-            if pty is not None:
-                pty.resize()  # the kernel tells the run's foreground job
-            else:
-                self._signal_command(signal.SIGWINCH)
-            return
-        if sig == signal.SIGTSTP:
-            if pty is not None:
-                pty.signal_foreground(signal.SIGTSTP)  # what Ctrl-Z does to it on its terminal
-                pty.leave()  # the shell gets its terminal back as it gave it to us
-            else:
-                self._signal_group(signal.SIGTSTP)
-            os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell continues us
-        if pty is not None:
-            pty.enter()
-            pty.resize()
-            pty.signal_foreground(signal.SIGCONT)
-        self._signal_group(signal.SIGCONT)
-
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.main_pid, sig)  # the gate child's setsid made main the group leader
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._signal_command(sig)  # in case it made itself a group of its own
-
-    def _signal_command(self, sig: int) -> None:
-        try:
-            os.kill(self._sandboxed_command(), sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _sandboxed_command(self) -> int:
-        """The command's pid (as we see it): the child of bwrap's pid-1 init, which is the
-        child of main. While bwrap is still setting up, wait a moment for it."""
-        if self._command_pid is not None:
-            return self._command_pid
-        deadline = time.monotonic() + 1.0
-        while True:
-            pid = self.main_pid
-            for _depth in range(2):
-                kids = children(pid) or []
-                if not kids:
-                    break
-                pid = kids[0]
-            else:
-                self._command_pid = pid
-                return pid
-            if time.monotonic() > deadline:
-                return self.main_pid  # bwrap ignores it; the grace deadline ends the run
-            time.sleep(0.002)
-
     @staticmethod
     def _reap(pid: int, nohang: bool = False) -> int:
         while True:
@@ -472,43 +382,6 @@ class Owner:
                 continue
 
 
-def block_forwarded_signals() -> None:
-    """Hold Ctrl-C & co. pending from before the launch until the owner listens, so a
-    signal in that window is forwarded to the command instead of killing corral."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-
-
-def unblock_forwarded_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-
-
-def _raise_interrupt(_sig: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def set_child_subreaper() -> bool:
-    """prctl(PR_SET_CHILD_SUBREAPER): orphans of the run come to us, not to PID 1, so
-    they are reaped at once (some PID 1s reap late, leaving zombies behind a kill)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
-
-
-def _tell_watchdog_done(fd: int) -> None:
-    try:
-        os.write(fd, b"done\n")
-    except OSError:
-        pass
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
 def _drain(fd: int) -> None:
     try:
         while os.read(fd, 512):
@@ -518,11 +391,3 @@ def _drain(fd: int) -> None:
     except OSError as err:
         if err.errno != errno.EAGAIN:
             raise
-
-
-def _tty_delivered() -> bool:
-    """True if we are in the terminal's foreground process group (so Ctrl-C hit everyone)."""
-    try:
-        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
-    except (OSError, ValueError, AttributeError):
-        return False

@@ -37,7 +37,8 @@ from ..linux.cgroup import CgroupDir, parse_pressure
 from ..records import seconds_between
 
 if TYPE_CHECKING:
-    from .corral import Corral, RunView
+    from .corral import Corral
+    from .listing import RunView
 
 HISTORY_SECONDS = 60.0
 PRESSURES = ("cpu", "memory", "io")

@@ -1,0 +1,224 @@
+"""Starting a detached run: a double-forked owner waits in the scope's ``supervisor``
+leaf, is placed by the parent (systemd: ``StartTransientUnit`` with its pid), then starts
+the pair itself (:func:`.launch.fork_pair`) and reports back through a pipe.
+
+The caller returns once the owner has written the ``running`` record; from then on the
+owner alone owns the run (its leases travel with the fork, its auth is served from it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import BackendError, CorralError
+from ..linux.cgroup import CgroupDir, join
+from ..linux.procs import process_start
+from ..records import RunRecord, now_iso
+from ..spec import RunSpec
+from .signals import set_child_subreaper
+from .spawn import reset_signals_in_child
+from .supervise import Owner
+
+if TYPE_CHECKING:
+    from ..auth.runauth import RunAuth
+    from ..linux.flock import HeldLock
+    from .context import RunContext
+    from .output import OutputPump
+from .launch import (
+    backstop,
+    check_strict_limits,
+    describe,
+    fork_pair,
+    new_record,
+    prepare_auth,
+    release_all,
+    save_start_record,
+    take_leases,
+)
+
+
+def start_detached(corral: RunContext, spec: RunSpec, *, on_wait: Callable[[object], None] | None = None) -> RunRecord:
+    """Start *spec* owned by a small process in the run's own scope; return once it runs.
+    The session lease travels to that owner with the fork; this process drops its copy."""
+    leases = take_leases(corral, spec, on_wait)
+    run_auth = None
+    try:
+        record = new_record(corral, spec, detach=True)
+        spec, run_auth = prepare_auth(corral, spec, record)
+        for lease in leases:
+            lease.update_holder(run_id=record.id, cgroup=record.cgroup)
+        save_start_record(corral, record)
+        started = _run_detached(corral, spec, record, leases, run_auth)
+        if run_auth is not None:
+            run_auth.detach_copy()  # the owner serves it now
+        return started
+    except BaseException:
+        release_all(leases)  # no owner took it over (it would have reported "ok")
+        if run_auth is not None:
+            run_auth.close()
+        raise
+    finally:
+        for lease in leases:
+            lease.close()  # the owner's copy keeps the lock; release() above is a no-op after it
+
+
+def _run_detached(corral: RunContext, spec: RunSpec, record: RunRecord, leases: list[HeldLock],
+                  run_auth: RunAuth | None) -> RunRecord:
+    backend = corral.backend
+    cgroup = backend.prepare(spec.agent, record.id, spec.limits)
+    log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # type: ignore[arg-type]
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+    first = os.fork()
+    if first == 0:  # pragma: no cover - runs in the forked child
+        try:
+            os.close(report_r)
+            os.close(gate_w)
+            os.setsid()
+            owner_pid = os.fork()  # double fork: the owner is nobody's child to reap
+            if owner_pid:
+                os.write(report_w, f"{owner_pid}\n".encode())
+                os._exit(0)
+            _detached_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r, leases, run_auth)
+        except BaseException:  # noqa: BLE001 - say why (on the caller's stderr or the run's log)
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    os.close(report_w)
+    os.close(gate_r)
+    os.close(log_fd)
+    os.waitpid(first, 0)
+    reader = os.fdopen(report_r, "rb")
+    try:
+        owner_line = reader.readline()
+        if not owner_line:
+            raise CorralError("the run's owner process did not start")
+        owner_pid = int(owner_line)
+        try:
+            limits = backend.adopt(
+                spec.agent, record.id, [owner_pid], description=describe(spec.agent, spec.argv),
+                limits=spec.limits, timeout=backstop(spec.timeout), grace=spec.grace,
+            )
+            check_strict_limits(spec, limits)
+        except BaseException:
+            os.close(gate_w)  # the owner sees EOF at the gate and exits
+            backend.release(spec.agent, record.id, cgroup)
+            corral.store.save_or_warn(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()),
+                                      f"run {record.id} did not start; its record could not say so")
+            raise
+        # The gate carries the read-back limits: the owner writes the one "running" record.
+        os.write(gate_w, b"g" + json.dumps(limits).encode() + b"\n")
+        os.close(gate_w)
+        reply = reader.readline().decode().strip()
+    finally:
+        reader.close()
+    if reply.startswith("fail "):  # the owner could not record the run: it is gone again
+        raise BackendError(f"run {record.id} was not started: {reply[5:]}",
+                           hint="free space on the state filesystem (corral doctor names it), then try again")
+    if not reply.startswith("ok"):
+        from ..errors import spawn_error
+
+        errno_text = reply.partition(" ")[2]
+        code = int(errno_text) if errno_text.isdigit() else 0
+        raise spawn_error(f"cannot run {spec.argv[0]!r}: {os.strerror(code) if code else reply or 'owner died'}",
+                         errno=code)
+    return corral.store.load(record.id) or record
+
+def _detached_owner(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
+                    gate_r: int, leases: list[HeldLock],
+                    run_auth: RunAuth | None) -> None:  # pragma: no cover - runs in the forked owner
+    """Body of a detached run's owner: wait to be placed, start the pair, own the run.
+    The parent's D-Bus connection must not be used after fork, and the owner needs none."""
+    from ..linux.procs import set_process_title
+
+    set_process_title(f"corral-owner {record.id} {record.agent}")  # not the CLI's argv: --env secrets
+    reset_signals_in_child()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(devnull)
+    with os.fdopen(gate_r, "rb") as gate:
+        line = gate.readline()
+    if not line.startswith(b"g"):
+        os._exit(125)
+    limits = json.loads(line[1:] or b"{}")
+    join(str(cgroup.supervisor.path))
+    set_child_subreaper()
+    # The command's stdout and stderr are pipes to us: kept apart in the log (output.py).
+    # Our own messages (a warning, a traceback) go to the log file as they are.
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        # The watchdog inherits supervisor/ from us; main joins payload/.
+        main, watchdog, wd_fd, sandbox, _relay = fork_pair(corral, spec, record, cgroup, stdio=(0, out_w, err_w),
+                                                            join_supervisor=False)
+        watchdog.release()
+        main.release()
+        os.close(out_w)
+        os.close(err_w)  # the pipes end when the command's last process does
+    except CorralError as err:
+        os.write(report_w, f"err {getattr(err, 'errno', 0)}\n".encode())
+        corral.store.save_or_warn(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso(),
+                                                 exit_code=getattr(err, "exit_code", 1)),
+                                  f"run {record.id} did not start; its record could not say so")
+        cgroup.kill()
+        os._exit(1)
+    output = _start_output(corral, spec, record, {out_r: "stdout", err_r: "stderr"})
+    running = record.replace(
+        state="running", main_pid=main.pid, owner_pid=os.getpid(), owner_start=process_start(os.getpid()),
+        helper_pids=[os.getpid(), watchdog.pid], started_at=now_iso(),
+        limits={"requested": spec.limits.requested(), "effective": limits}, isolation=sandbox.describe(),
+        journal=output.journal is not None,
+    )
+    for lease in leases:
+        lease.update_holder(owner_pid=os.getpid(), main_pid=main.pid)
+    try:
+        # Unlike an attached run's, this record is what names the owner: without it the
+        # run would look ownerless, so a detached run that cannot be recorded does not run.
+        corral.store.save(running, durable=False)
+    except CorralError as err:
+        os.write(report_w, f"fail {err.message}\n".encode())
+        cgroup.kill()
+        os._exit(1)
+    os.write(report_w, b"ok\n")
+    os.close(report_w)
+    owner = Owner(
+        backend=corral.backend, store=corral.store, record=running, cgroup=cgroup, main_pid=main.pid,
+        watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=True,
+        reap_orphans=True, keep_leftovers=spec.keep_leftovers, sandboxed=sandbox.active,
+    )
+    owner.leases = leases
+    owner.output = output
+    if run_auth is not None:
+        owner.services = run_auth
+        run_auth.start()
+    owner.wait(handle_signals=True)
+    os._exit(0)
+
+
+def _start_output(corral: RunContext, spec: RunSpec, record: RunRecord,
+                  pipes: dict[int, str]) -> OutputPump:  # pragma: no cover - runs in the forked owner
+    """The thread that writes the command's output to its log (and, on systemd, the journal)."""
+    from ..units import DEFAULT_LOG_MAX
+    from .output import LogFile, OutputPump, open_journal
+
+    def point_stdio(fd: int) -> None:  # after a rotation our own messages follow the new file
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+
+    log = LogFile(Path(record.log or corral.store.log_path(record.id)), int(spec.log_max or DEFAULT_LOG_MAX),
+                  on_reopen=point_stdio)
+    journal = None
+    if corral.backend.name == "systemd":
+        journal = open_journal(run_id=record.id, agent=record.agent, unit=record.unit, argv0=spec.argv[0],
+                               user_mode="/user@" in record.cgroup)
+    pump = OutputPump(pipes, log, journal)
+    pump.start()
+    return pump
