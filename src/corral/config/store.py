@@ -6,11 +6,8 @@ others, so some agents were lost):
 
 1. lock ``<target>.lock`` with flock(2), exclusive: the kernel drops it when a holder
    dies, so a killed writer never leaves a stale lock behind. It is the lock filelock's
-   ``UnixFileLock`` takes on the same path, so a tool using filelock there excludes us and
-   we it. corral takes it itself (:mod:`.lock`, on :mod:`corral.linux.flock`) because
-   filelock 4's import (its async, SQLite and soft-lock backends) costs ~40 ms, half of
-   an ``agents add``; and a waiter blocks in the kernel instead of polling, so under 64
-   writers the lock passes on at once, not at the next 10 ms poll;
+   ``UnixFileLock`` takes on the same path (why corral takes it itself, and how it differs
+   from the leases' locks: :mod:`.lock`);
 2. re-read and parse the file with tomlkit, under the lock, so comments, key order and
    layout outside the edited keys survive byte for byte;
 3. apply the caller's change to the document;
