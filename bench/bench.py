@@ -338,21 +338,49 @@ class Bench:
         run = self.corral.run(RunSpec(agent="benchmem", argv=("sleep", "1000")), detach=True)
         bare = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(1000)"])
         time.sleep(0.3)
-        rss = pss = owner_pss = 0
         owner = self.corral.get(run.id).record.owner_pid
-        for pid in run.cgroup.supervisor.pids():
-            status = Path(f"/proc/{pid}/status").read_text()
-            rss += int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1])
-            pss += _pss_kib(pid)
-            if pid == owner:
-                owner_pss = _pss_kib(pid)
+        owner_pss = _pss_kib(owner) if owner else 0
         bare_pss = _pss_kib(bare.pid)
         bare.kill()
         bare.wait()
         run.kill()
-        self.row("per detached run: corral's RSS (owner+watchdog)", rss / 1024, "PSS", pss / 1024, unit="MiB")
         self.row("per detached run: the owner's PSS", owner_pss / 1024, "a bare `python3 -S` asleep: PSS",
                  bare_pss / 1024, unit="MiB")
+        # What many runs cost: owners forked by the fork server share its pages; the anchor
+        # is the same runs with each owner forked by its caller (CORRAL_FORKSERVER=0).
+        n = 10
+        served = self._pss_of_detached(n, "benchmems")
+        os.environ["CORRAL_FORKSERVER"] = "0"
+        try:
+            forked = self._pss_of_detached(n, "benchmemf")
+        finally:
+            del os.environ["CORRAL_FORKSERVER"]
+        self.row(f"per detached run, {n} runs: corral's PSS (fork server)", served / 1024,
+                 "each owner forked by its caller", forked / 1024, unit="MiB")
+
+    def _pss_of_detached(self, n: int, agent: str) -> float:
+        """KiB of PSS per run of corral's processes for *n* detached runs: owners and
+        watchdogs, and the fork servers that forked the owners, shared out over the runs."""
+        runs = [self.corral.run(RunSpec(agent=agent, argv=("sleep", "1000")), detach=True) for _ in range(n)]
+        time.sleep(1.0)
+        total, servers = 0, set()
+        try:
+            for run in runs:
+                for pid in run.cgroup.supervisor.pids():
+                    total += _pss_kib(pid)
+                owner = self.corral.get(run.id).record.owner_pid
+                try:
+                    parent = int(next(line.split()[1] for line in Path(f"/proc/{owner}/status").read_text().splitlines()
+                                      if line.startswith("PPid:")))
+                    if Path(f"/proc/{parent}/cmdline").read_bytes().startswith(b"corral-forkserver"):
+                        servers.add(parent)
+                except (OSError, StopIteration, ValueError):
+                    pass
+            total += sum(_pss_kib(pid) for pid in servers)
+        finally:
+            for run in runs:
+                run.kill()
+        return total / n
 
     def floors(self) -> None:
         """CPU per start-up, against the interpreter and click alone: what is left to cut."""
@@ -396,7 +424,8 @@ class Bench:
         # corral's own teardown and release: kill, verify empty, remove what the backend made
         backend = self.corral.backend
         for scope in backend.live_scopes():
-            if scope.agent in ("benchcli", "benchlib", "benchkill", "benchps", "benchmem", "benchiso"):
+            if scope.agent in ("benchcli", "benchlib", "benchkill", "benchps", "benchmem", "benchmems", "benchmemf",
+                               "benchiso"):
                 backend.teardown(scope.cgroup)
                 backend.release(scope.agent, scope.run_id, scope.cgroup)
         raw = backend.slice_dir() / "corral-benchraw.slice"  # _raw_cgroupfs's own cgroups, not runs

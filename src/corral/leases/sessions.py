@@ -44,8 +44,6 @@ from ..records import now_iso
 from .queue import Ticket
 from .session_files import HolderInfo, Waiting, session_dir, situation, wait_drained, write_holder, write_json
 
-# --- the lease -----------------------------------------------------------------------------
-
 
 class Lease:
     """An exclusive lease on (agent, KEY). Use as a context manager::

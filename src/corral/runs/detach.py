@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..linux.flock import HeldLock
     from .context import RunContext
     from .output import OutputPump
+from . import forkserver
 from .launch import (
     backstop,
     check_strict_limits,
@@ -73,33 +74,22 @@ def _run_detached(corral: RunContext, spec: RunSpec, record: RunRecord, leases: 
     log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # type: ignore[arg-type]
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-    first = os.fork()
-    if first == 0:  # pragma: no cover - runs in the forked child
-        try:
-            os.close(report_r)
-            os.close(gate_w)
-            os.setsid()
-            owner_pid = os.fork()  # double fork: the owner is nobody's child to reap
-            if owner_pid:
-                os.write(report_w, f"{owner_pid}\n".encode())
-                os._exit(0)
-            _detached_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r, leases, run_auth)
-        except BaseException:  # noqa: BLE001 - say why (on the caller's stderr or the run's log)
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(1)
+    owner_pid = None
+    if run_auth is None and forkserver.enabled():  # the run's auth serves from our memory: only a fork takes it
+        owner_pid = forkserver.spawn_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r, leases,
+                                           withhold=(report_r, gate_w))
+    if owner_pid is None:
+        _fork_owner(corral, spec, record, cgroup, log_fd, (report_r, report_w), (gate_r, gate_w), leases, run_auth)
     os.close(report_w)
     os.close(gate_r)
     os.close(log_fd)
-    os.waitpid(first, 0)
     reader = os.fdopen(report_r, "rb")
     try:
-        owner_line = reader.readline()
-        if not owner_line:
-            raise CorralError("the run's owner process did not start")
-        owner_pid = int(owner_line)
+        if owner_pid is None:
+            owner_line = reader.readline()
+            if not owner_line:
+                raise CorralError("the run's owner process did not start")
+            owner_pid = int(owner_line)
         try:
             limits = backend.adopt(
                 spec.agent, record.id, [owner_pid], description=describe(spec.agent, spec.argv),
@@ -130,7 +120,33 @@ def _run_detached(corral: RunContext, spec: RunSpec, record: RunRecord, leases: 
                          errno=code)
     return corral.store.load(record.id) or record
 
-def _detached_owner(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
+def _fork_owner(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int,
+                report: tuple[int, int], gate: tuple[int, int], leases: list[HeldLock],
+                run_auth: RunAuth | None) -> None:
+    """Fork the owner from this process (double fork: it is nobody's child to reap); its
+    pid comes back as the report pipe's first line."""
+    (report_r, report_w), (gate_r, gate_w) = report, gate
+    first = os.fork()
+    if first == 0:  # pragma: no cover - runs in the forked child
+        try:
+            os.close(report_r)
+            os.close(gate_w)
+            os.setsid()
+            owner_pid = os.fork()
+            if owner_pid:
+                os.write(report_w, f"{owner_pid}\n".encode())
+                os._exit(0)
+            detached_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r, leases, run_auth)
+        except BaseException:  # noqa: BLE001 - say why (on the caller's stderr or the run's log)
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    os.waitpid(first, 0)
+
+
+def detached_owner(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
                     gate_r: int, leases: list[HeldLock],
                     run_auth: RunAuth | None) -> None:  # pragma: no cover - runs in the forked owner
     """Body of a detached run's owner: wait to be placed, start the pair, own the run.

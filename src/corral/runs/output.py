@@ -31,9 +31,6 @@ def _stamp() -> bytes:
     return now_iso().encode()
 
 
-# --- writing (in the run's owner) ---------------------------------------------------------
-
-
 class LogFile:
     """The run's log file, appended to record by record and rotated at *cap* bytes.
     *on_reopen* gets the new file's fd after a rotation (the owner points its own
@@ -254,6 +251,3 @@ class OutputPump(threading.Thread):
         if self.journal is not None and self._journal_line[stream]:
             self.journal.send(stream, bytes(self._journal_line[stream]))
             self._journal_line[stream].clear()
-
-
-# --- reading (corral logs) ----------------------------------------------------------------
