@@ -173,10 +173,12 @@ def spawn_owner(ctx: RunContext, spec: RunSpec, record: RunRecord, cgroup: Cgrou
             return None  # something of this run only a real fork can hand on
         conn.settimeout(10.0)
         try:
+            if _read_line(conn) != "ready":
+                return None  # turned away ("no ..."), or gone: nothing was taken
             socket.send_fds(conn, [HEADER.pack(len(payload))], fds)
             conn.sendall(payload)
         except OSError:
-            return None  # it turned us away before reading (a "no" on its way): nothing forked
+            return None
         try:
             reply = _read_line(conn)
         except OSError:

@@ -79,6 +79,7 @@ def _serve_one(listener: socket.socket, conn: socket.socket, me: dict[str, str])
     if not alive or differs:
         conn.sendall(f"no {'caller gone' if not alive else 'context differs: ' + ', '.join(differs)}\n".encode())
         return
+    conn.sendall(b"ready\n")
     header, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, MAX_FDS)
     if len(header) != HEADER.size:
         for fd in fds:
