@@ -81,6 +81,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))  # _auth_util: the real OAuth server of the auth tests
 
 from corral.linux.cgroup import find_cgroup2_mount  # noqa: E402
+from corral.linux.procs import process_start  # noqa: E402
 from corral.paths import Dirs  # noqa: E402
 
 CORRAL = [sys.executable, "-m", "corral.cli.main"]
@@ -510,8 +511,12 @@ def scenario_owner(h: Harness, scale: float) -> list[Result]:
         if len(owners) != 1:
             det.fail(f"trial {trial}: run {run_id}: expected one owner process, show lists {owners}")
             continue
+        # An owner forked by the fork server has the server's (empty) /proc/PID/environ, so
+        # no tag: its start time, read now and again before the kill, tells it from a
+        # process that took its pid meanwhile.
+        started = process_start(owners[0])
         time.sleep(rng.uniform(0, 0.2))
-        if alive_with(owners, h.tag_entry):
+        if started is not None and process_start(owners[0]) == started:
             os.kill(owners[0], signal.SIGKILL)
             det.faults += 1
         check_gone(det, trial, pids, entry)
