@@ -250,6 +250,8 @@ def _exec_server(listen_fd: int, path: Path) -> None:
             devnull = os.open(os.devnull, os.O_RDWR)
             for std in (0, 1, 2):
                 os.dup2(devnull, std)
+            os.closerange(3, listen_fd)  # nothing of the caller's but the socket outlives it here
+            os.closerange(listen_fd + 1, os.sysconf("SC_OPEN_MAX"))
             os.set_inheritable(listen_fd, True)
             idle = os.environ.get(IDLE_ENV) or str(DEFAULT_IDLE)
             # -I: neither the caller's cwd nor PYTHON* variables decide what code runs.
