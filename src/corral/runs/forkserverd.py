@@ -103,7 +103,7 @@ def _serve_one(listener: socket.socket, conn: socket.socket, me: dict[str, str])
     if child == 0:  # pragma: no cover - runs in the forked owner
         try:
             listener.close()
-            _become_owner(b"".join(chunks), fds, umask)
+            _become_owner(b"".join(chunks), fds, umask, conn.fileno())
         except BaseException:  # noqa: BLE001 - say why, on the run's log if it got that far
             import traceback
 
@@ -115,21 +115,23 @@ def _serve_one(listener: socket.socket, conn: socket.socket, me: dict[str, str])
     conn.sendall(f"ok {child}\n".encode())
 
 
-def _become_owner(payload: bytes, fds: list[int], umask: int) -> None:  # pragma: no cover
+def _become_owner(payload: bytes, fds: list[int], umask: int, conn_fd: int) -> None:  # pragma: no cover
     """In the forked child: take the caller's fds at their numbers, its environment, cwd and
     umask, then run the owner as a fork of the caller would have."""
     request: dict[str, Any] = pickle.loads(payload)
     wanted = request["fds"]
     if len(wanted) != len(fds):
         os._exit(1)
-    # Out of the way first (above every number wanted), then everything else of the
-    # server's closed, then each fd at its number in the caller, with its close-on-exec.
-    base = max([1024, *(number + 1 for number, _ in wanted)])
+    # Out of the way first (above every fd here and every number wanted: still below
+    # RLIMIT_NOFILE, which is the caller's too), then everything else of the server's
+    # closed, then each fd at its number in the caller, with its close-on-exec.
+    base = 1 + max([conn_fd, *fds, *(number for number, _ in wanted)])
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
     os.closerange(3, base)  # the received copies, the connection, whatever the server had
     for (number, inheritable), fd in zip(wanted, high, strict=True):
         os.dup2(fd, number, inheritable=inheritable)
         os.close(fd)
+    os.dup2(request["log_fd"], 2)  # from here a failure is told in the run's log
     os.umask(umask)
     os.environ.clear()
     os.environ.update(request["env"])
