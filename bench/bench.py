@@ -346,29 +346,30 @@ class Bench:
         run.kill()
         self.row("per detached run: the owner's PSS", owner_pss / 1024, "a bare `python3 -S` asleep: PSS",
                  bare_pss / 1024, unit="MiB")
-        # What many runs cost: owners forked by the fork server share its pages; the anchor
-        # is the same runs with each owner forked by its caller (CORRAL_FORKSERVER=0).
+        # What many runs cost, started as users start them: `corral run -d`, a process that
+        # exits. Owners forked by the fork server share its pages; the anchor is the same
+        # runs with each owner forked by the exiting CLI (CORRAL_FORKSERVER=0). A library
+        # caller that lives on shares its pages with the owners it forks either way.
         n = 10
-        served = self._pss_of_detached(n, "benchmems")
-        os.environ["CORRAL_FORKSERVER"] = "0"
-        try:
-            forked = self._pss_of_detached(n, "benchmemf")
-        finally:
-            del os.environ["CORRAL_FORKSERVER"]
-        self.row(f"per detached run, {n} runs: corral's PSS (fork server)", served / 1024,
-                 "each owner forked by its caller", forked / 1024, unit="MiB")
+        served = self._pss_of_detached(n, "benchmems", {})
+        forked = self._pss_of_detached(n, "benchmemf", {"CORRAL_FORKSERVER": "0"})
+        self.row(f"per detached run, {n} runs of `corral run -d`: corral's PSS (fork server)", served / 1024,
+                 "each owner forked by its CLI", forked / 1024, unit="MiB")
 
-    def _pss_of_detached(self, n: int, agent: str) -> float:
-        """KiB of PSS per run of corral's processes for *n* detached runs: owners and
-        watchdogs, and the fork servers that forked the owners, shared out over the runs."""
-        runs = [self.corral.run(RunSpec(agent=agent, argv=("sleep", "1000")), detach=True) for _ in range(n)]
+    def _pss_of_detached(self, n: int, agent: str, env: dict[str, str]) -> float:
+        """KiB of PSS per run of corral's processes for *n* runs started by `corral run -d`:
+        owners and watchdogs, and the fork servers that forked the owners, shared out."""
+        ids = [subprocess.run([*CORRAL, "run", "-d", agent, "--", "sleep", "1000"], env={**self.env, **env},
+                              capture_output=True, text=True, check=True).stdout.strip() for _ in range(n)]
+        cli_corral = Corral(self.backend, dirs=Dirs.from_env(self.env))  # where the CLI keeps its records
+        runs = [cli_corral.get(run_id) for run_id in ids]
         time.sleep(1.0)
         total, servers = 0, set()
         try:
             for run in runs:
                 for pid in run.cgroup.supervisor.pids():
                     total += _pss_kib(pid)
-                owner = self.corral.get(run.id).record.owner_pid
+                owner = cli_corral.get(run.id).record.owner_pid
                 try:
                     parent = int(next(line.split()[1] for line in Path(f"/proc/{owner}/status").read_text().splitlines()
                                       if line.startswith("PPid:")))
