@@ -32,7 +32,6 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from ..errors import (
     translate_oserror,
 )
 from ..linux.cgroup import run_of
+from ..linux.procs import peer_credentials
 from ..paths import Dirs
 from .client import socket_path, token_from_broker
 from .refresh import DEFAULT_TIMEOUT, AccessToken, get_token
@@ -61,12 +61,6 @@ MAX_LINE = 4096
 IDLE_TIMEOUT = 30.0  # a connection that sends nothing for this long is dropped
 MAX_CONNECTIONS = 512  # one thread each; beyond this, new connections are closed at once
 SD_LISTEN_FDS_START = 3
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED)."""
-    return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
 
 
 def activation_socket(env: dict[str, str] | os._Environ[str] | None = None) -> socket.socket | None:

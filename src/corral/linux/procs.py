@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
 
 
 def process_start(pid: int) -> float | None:
@@ -108,3 +113,13 @@ def rss_sum(pids: list[int]) -> int:
         except (OSError, ValueError, IndexError):
             pass  # gone meanwhile
     return total
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED)."""
+    import socket  # here: `ps` and the other listings import this module and need no socket
+
+    return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))

@@ -12,11 +12,11 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..linux.procs import peer_credentials
 from .forkserver import HEADER, LOCK_NAME, MAX_FDS, SO_PEERPIDFD, pidfd_pid, process_context, umask_of
 
 
@@ -67,7 +67,7 @@ def _leave(listener: socket.socket, path: Path, inode: int) -> None:
 
 def _serve_one(listener: socket.socket, conn: socket.socket, me: dict[str, str]) -> None:
     conn.settimeout(2.0)  # a caller that connects and says nothing holds up the others this long
-    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    pid, uid, _gid = peer_credentials(conn)
     pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     try:
         theirs = process_context(pid) if uid == os.geteuid() else {"uid": str(uid)}
