@@ -12,7 +12,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # What depends on the backend runs in every tier; config, auth and pure tests only on the host.
 BACKEND_TESTS := tests/test_runs.py tests/test_lifecycle.py tests/test_library.py tests/test_session_runs.py \
                  tests/test_agent_runs.py tests/test_auth_run.py tests/test_systemd_view.py tests/test_deploy.py \
-                 tests/test_isolation.py tests/test_logs.py tests/test_top.py tests/test_forkserver.py
+                 tests/test_isolation.py tests/test_logs.py tests/test_top.py tests/test_shared_owner.py
 
 # The real agent CLIs, from npm, as test inputs (tests/test_agent_clis.py). Pinned: the
 # adapters write files in the shape these versions read (auth/adapters.py).

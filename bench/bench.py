@@ -344,43 +344,41 @@ class Bench:
         bare.kill()
         bare.wait()
         run.kill()
-        self.row("per detached run: the owner's PSS", owner_pss / 1024, "a bare `python3 -S` asleep: PSS",
-                 bare_pss / 1024, unit="MiB")
+        self.row("one detached run: its owner's PSS (the shared owner, alone)", owner_pss / 1024,
+                 "a bare `python3 -S` asleep: PSS", bare_pss / 1024, unit="MiB")
         # What many runs cost, started as users start them: `corral run -d`, a process that
-        # exits. Owners forked by the fork server share its pages; the anchor is the same
-        # runs with each owner forked by the exiting CLI (CORRAL_FORKSERVER=0). A library
-        # caller that lives on shares its pages with the owners it forks either way.
-        n = 10
-        served = self._pss_of_detached(n, "benchmems", {})
-        forked = self._pss_of_detached(n, "benchmemf", {"CORRAL_FORKSERVER": "0"})
-        self.row(f"per detached run, {n} runs of `corral run -d`: corral's PSS (fork server)", served / 1024,
-                 "each owner forked by its CLI", forked / 1024, unit="MiB")
+        # exits. One shared owner owns them all (its PSS shared out over the runs, plus each
+        # run's watchdog); the anchor is the same runs with each owner forked by the exiting
+        # CLI (CORRAL_SHARED_OWNER=0), as before the shared owner.
+        for n in (1, 10, 50):
+            served = self._pss_of_detached(n, f"benchmems{n}", {})
+            forked = self._pss_of_detached(n, f"benchmemf{n}", {"CORRAL_SHARED_OWNER": "0"})
+            self.row(f"per detached run, {n} runs of `corral run -d`: corral's PSS (shared owner)", served / 1024,
+                     "each owner forked by its CLI", forked / 1024, unit="MiB")
 
     def _pss_of_detached(self, n: int, agent: str, env: dict[str, str]) -> float:
         """KiB of PSS per run of corral's processes for *n* runs started by `corral run -d`:
-        owners and watchdogs, and the fork servers that forked the owners, shared out."""
+        what is in each run's supervisor leaf (its watchdog; a forked owner), and each
+        shared owner once."""
         ids = [subprocess.run([*CORRAL, "run", "-d", agent, "--", "sleep", "1000"], env={**self.env, **env},
                               capture_output=True, text=True, check=True).stdout.strip() for _ in range(n)]
         cli_corral = Corral(self.backend, dirs=Dirs.from_env(self.env))  # where the CLI keeps its records
         runs = [cli_corral.get(run_id) for run_id in ids]
         time.sleep(1.0)
-        total, servers = 0, set()
+        total, shared = 0, set()
         try:
             for run in runs:
                 for pid in run.cgroup.supervisor.pids():
                     total += _pss_kib(pid)
                 owner = cli_corral.get(run.id).record.owner_pid
                 try:
-                    parent = int(next(line.split()[1] for line in Path(f"/proc/{owner}/status").read_text().splitlines()
-                                      if line.startswith("PPid:")))
-                    if Path(f"/proc/{parent}/cmdline").read_bytes().startswith(b"corral-forkserver"):
-                        servers.add(parent)
-                except (OSError, StopIteration, ValueError):
+                    if owner and Path(f"/proc/{owner}/cmdline").read_bytes().startswith(b"corral-ownerd"):
+                        shared.add(owner)
+                except OSError:
                     pass
-            total += sum(_pss_kib(pid) for pid in servers)
+            total += sum(_pss_kib(pid) for pid in shared)
         finally:
-            for run in runs:
-                run.kill()
+            cli_corral.kill_runs([run.record for run in runs])
         return total / n
 
     def floors(self) -> None:
@@ -458,7 +456,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default=os.environ.get("CORRAL_BACKEND", "cgroupfs"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["isolation", "launch", "ps", "agents", "floors"], help="just one group of rows")
+    ap.add_argument("--only", choices=["isolation", "launch", "ps", "agents", "floors", "memory"], help="just one group of rows")
     ap.add_argument("--editable-cli", metavar="PATH", help="also time this corral script (the dev venv's)")
     args = ap.parse_args()
     b = Bench(args.backend, args.quick, args.editable_cli)
@@ -476,6 +474,8 @@ def main() -> int:
             b.agents_add()
         elif args.only == "floors":
             b.floors()
+            b.overhead()
+        elif args.only == "memory":
             b.overhead()
         else:
             b.launch_cli()

@@ -4,7 +4,7 @@
 
 Scenarios (cgroupfs backend on this host's cgroup v2 mount):
 
-  owner   SIGKILL attached `corral run` owners (and detached runs' owner processes) whose
+  owner   SIGKILL attached `corral run` owners (and detached runs' shared owner) whose
           command left setsid, double-forked and nohup'd children: all must be gone in 2 s
   crash   SIGKILL `corral run` (attached and detached) at random points of its start;
           `ps --all` must agree with the cgroups, `gc` must leave no ownerless populated scope
@@ -506,20 +506,42 @@ def scenario_owner(h: Harness, scale: float) -> list[Result]:
         except (RuntimeError, ValueError) as err:
             det.fail(f"trial {trial}: run {run_id}: {err}")
             continue
-        owners = [p["pid"] for p in info["processes"]
-                  if p["role"] == "corral" and "corral-watchdog" not in p["argv"]]
+        owners = [info["owner_pid"]] if info.get("owner_pid") else []  # corral's shared owner
         if len(owners) != 1:
-            det.fail(f"trial {trial}: run {run_id}: expected one owner process, show lists {owners}")
+            det.fail(f"trial {trial}: run {run_id}: show names no owner")
             continue
-        # An owner forked by the fork server has the server's (empty) /proc/PID/environ, so
-        # no tag: its start time, read now and again before the kill, tells it from a
-        # process that took its pid meanwhile.
+        # The shared owner has no tag in its /proc/PID/environ: its start time, read now
+        # and again before the kill, tells it from a process that took its pid meanwhile.
         started = process_start(owners[0])
         time.sleep(rng.uniform(0, 0.2))
         if started is not None and process_start(owners[0]) == started:
             os.kill(owners[0], signal.SIGKILL)
             det.faults += 1
         check_gone(det, trial, pids, entry)
+    # One shared owner owns every detached run of a state dir: its SIGKILL ends them all,
+    # each by its own watchdog, within the same 2 s.
+    group: list[tuple[list[int], bytes]] = []
+    owners: set[int] = set()
+    for k in range(4):
+        marker = markers / f"g{k}"
+        entry = f"M={marker}".encode()
+        out = h.cli(dict(env, M=str(marker)), "run", "--detach", d_agent, "--", "sh", "-c", SPAWNER)
+        pids = wait_pids(marker, SPAWNER_PIDS, 30, entry=entry) if out.returncode == 0 else None
+        if pids is None:
+            det.fail(f"group run {k}: did not start: {tail(out.stderr)}")
+            continue
+        owners.add(h.json(env, "show", out.stdout.strip(), "--json").get("owner_pid") or 0)
+        group.append((pids, entry))
+    det.trials += 1
+    if len(owners) != 1 or 0 in owners:
+        det.fail(f"4 detached runs of one state dir: owners {sorted(owners)}, expected one shared owner")
+        for pids, _entry in group:
+            kill_pids(pids)
+    else:
+        os.kill(owners.pop(), signal.SIGKILL)
+        det.faults += 1
+        for pids, entry in group:
+            check_gone(det, n_det, pids, entry)
     det_teardown = teardown
 
     states = Counter((r["agent"], r["state"], r.get("ended_by")) for r in h.json(env, "ps", "--all", "--json")

@@ -90,8 +90,8 @@ def test_gc_timer_reaps_a_lost_run(installed: None) -> None:
             break
         time.sleep(0.05)
     payload = [p["pid"] for p in info["processes"] if p["role"] != "corral"]
-    helpers = {("watchdog" if "corral-watchdog" in p["argv"] else "owner"): p["pid"]
-               for p in info["processes"] if p["role"] == "corral"}
+    helpers = {"watchdog": p["pid"] for p in info["processes"] if "corral-watchdog" in p["argv"]}
+    helpers["owner"] = info["owner_pid"]  # corral's shared owner, outside the scope
     # corral crashes hard: its watchdog cannot react (stopped), its owner is killed
     os.kill(helpers["watchdog"], signal.SIGSTOP)
     os.kill(helpers["owner"], signal.SIGKILL)

@@ -108,6 +108,18 @@ class Backend(ABC):
             except OSError as err:
                 raise translate_oserror(err, what="create run cgroup", path=str(leaf.path)) from err
 
+    def place_self(self, name: str) -> CgroupDir:
+        """Move this process into a cgroup of its own, ``corral.slice/<name>``: corral's
+        shared owner lives apart from whoever started it, so that their cgroup's end (a
+        logout, a stopped service) is not the end of the runs it owns. Here: a directory
+        (cgroupfs; systemd's backend asks for a scope). Raises OSError where it may not."""
+        from ..linux.cgroup import join
+
+        cg = CgroupDir(self.slice_dir() / name)
+        cg.path.mkdir(parents=True, exist_ok=True)
+        join(str(cg.path))
+        return cg
+
     def connect(self) -> None:
         """Before a run is recorded or forked: reach whatever starting it needs (the
         systemd backend opens its bus here), so that failing to costs nothing."""

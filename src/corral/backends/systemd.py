@@ -226,8 +226,17 @@ class SystemdBackend(Backend):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BackendError(f"systemd job {job.decode()} did not finish within {timeout:.0f}s")
-            self.bus.wait(int(min(left, 1.0) * 1_000_000))
+            self._wait_bus(min(left, 1.0))
         return self._done_jobs.pop(job)
+
+    def _wait_bus(self, seconds: float) -> None:
+        """Until the bus has something to read, or *seconds*. Not pystemd's ``wait()``:
+        that holds the GIL for as long, and corral's shared owner has a thread per run."""
+        import select
+
+        poller = select.poll()
+        poller.register(self.bus.get_fd(), select.POLLIN)
+        poller.poll(seconds * 1000)
 
     # --- primitives ---------------------------------------------------------------------
 
@@ -290,6 +299,27 @@ class SystemdBackend(Backend):
                 out[key] = value
         return out
 
+    def place_self(self, name: str) -> CgroupDir:
+        """A transient scope ``<name>`` in corral.slice around this process (see Backend)."""
+        from pystemd.dbuslib import apply_signature
+
+        props: list[tuple[str, str, Any]] = [
+            ("Description", "s", "corral: the shared owner of detached runs"),
+            ("Slice", "s", ROOT_SLICE),
+            ("PIDs", "au", [os.getpid()]),
+            ("CollectMode", "s", "inactive-or-failed"),
+        ]
+        self._subscribe()
+        args = apply_signature(b"ss", [name.encode(), b"fail"]) + _prop_args(props)
+        args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]
+        try:
+            result = self._wait_job(self._call(b"StartTransientUnit", args, f"start {name}"), START_JOB_TIMEOUT)
+        except CorralError as err:
+            raise OSError(f"systemd did not place corral's shared owner: {err.message}") from err
+        if result != b"done":
+            raise OSError(f"systemd could not start {name}: job result {result.decode()!r}")
+        return CgroupDir(self.slice_dir() / name)
+
     def release(self, agent: str, run_id: str, cgroup: CgroupDir) -> None:
         """Remove our leaves; systemd then sees the scope empty, stops and collects it. Wait
         for that briefly, so that a finished run is gone from ``systemctl`` on return.
@@ -326,7 +356,7 @@ class SystemdBackend(Backend):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self.bus.wait(int(min(left, 0.05) * 1_000_000))
+            self._wait_bus(min(left, 0.05))
         self._removed_units.discard(name)
         return True
 

@@ -201,7 +201,7 @@ def _print_show(data: dict[str, Any], *, utc: bool) -> None:
     def line(key: str, value: Any) -> None:
         click.echo(f"{key + ':':18}{value}")
 
-    for key in ("id", "agent", "state", "unit", "backend", "cgroup", "main_pid", "pids"):
+    for key in ("id", "agent", "state", "unit", "backend", "cgroup", "main_pid", "owner_pid", "pids"):
         if data.get(key) is not None:
             line(key, data[key])
     for key in ("started_at", "ended_at"):

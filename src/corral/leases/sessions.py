@@ -33,7 +33,7 @@ import fcntl
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -183,6 +183,15 @@ class Lease:
             finally:
                 self._ticket.drop()  # ...this ticket, which it waits on, goes
                 self.close()
+
+    def fds(self) -> list[int]:
+        """The lease fd and its queue ticket's: what a shared owner must be handed."""
+        return [fd for fd in (self._fd, self._ticket.fd) if fd >= 0]
+
+    def rebind(self, moved: Mapping[int, int]) -> None:
+        """In the shared owner: the same open files, received under other numbers."""
+        self._fd = moved.get(self._fd, -1)
+        self._ticket.fd = moved.get(self._ticket.fd, -1)
 
     def close(self) -> None:
         """Drop this process's fd without unlocking: after handing the lease to a forked

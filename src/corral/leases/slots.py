@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,13 @@ class Slot:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self.close()
+
+    def fds(self) -> list[int]:
+        return [self._fd] if self._fd >= 0 else []
+
+    def rebind(self, moved: Mapping[int, int]) -> None:
+        """In the shared owner: the same open file, received under another number."""
+        self._fd = moved.get(self._fd, -1)
 
     def close(self) -> None:
         """Drop this process's fd only; the lock lasts while another process keeps it."""

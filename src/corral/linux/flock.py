@@ -32,7 +32,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 _guard = threading.Lock()  # held around open+register and unregister+close, and across fork
@@ -175,3 +175,5 @@ class HeldLock(Protocol):
     def update_holder(self, **fields: Any) -> object: ...
     def release(self) -> None: ...  # unlock: the run is over
     def close(self) -> None: ...  # drop this process's fd only: a fork's copy keeps the lock
+    def fds(self) -> list[int]: ...  # every fd the lock lives on: what a shared owner is handed
+    def rebind(self, moved: Mapping[int, int]) -> None: ...  # those fds, received under new numbers

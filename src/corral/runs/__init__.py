@@ -2,8 +2,8 @@
 
 - :mod:`.corral`: the library's front, ``Corral`` and the ``Run`` handle;
 - :mod:`.launch` and :mod:`.detach`: starting attached and detached runs, each command
-  held at :mod:`.spawn`'s gate until it is in its cgroup; a detached run's owner is forked
-  by the fork server (:mod:`.forkserver`, :mod:`.forkserverd`) where the caller may use it;
+  held at :mod:`.spawn`'s gate until it is in its cgroup; detached runs are owned by
+  corral's shared owner (:mod:`.shared_owner`, :mod:`.ownerd`) where the caller may use it;
 - :mod:`.supervise`: the owner, which waits, forwards :mod:`.signals`, keeps deadlines,
   kills what the command left and records the end; :mod:`.watchdog` kills the run if the
   owner dies;

@@ -1,9 +1,13 @@
-"""Starting a detached run: a double-forked owner waits in the scope's ``supervisor``
-leaf, is placed by the parent (systemd: ``StartTransientUnit`` with its pid), then starts
-the pair itself (:func:`.launch.fork_pair`) and reports back through a pipe.
+"""Starting a detached run, owned by corral's shared owner (:mod:`.shared_owner`) where
+the caller may use it, else by an owner forked here.
+
+Shared: the owner forks the pair held at the gate and reports their pids; we place them
+(systemd: ``StartTransientUnit`` with their pids) and open the gate. Forked: a
+double-forked owner waits in the scope's ``supervisor`` leaf, is placed by us, then
+starts the pair itself (:func:`.launch.fork_pair`). Either reports back through a pipe.
 
 The caller returns once the owner has written the ``running`` record; from then on the
-owner alone owns the run (its leases travel with the fork, its auth is served from it).
+owner alone owns the run (the leases' fds went to it, its auth is served from it).
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ if TYPE_CHECKING:
     from ..linux.flock import HeldLock
     from .context import RunContext
     from .output import OutputPump
-from . import forkserver
+from . import shared_owner
 from .launch import (
     backstop,
     check_strict_limits,
     describe,
     fork_pair,
     new_record,
+    plan_sandbox,
     prepare_auth,
     release_all,
     save_start_record,
@@ -43,8 +48,8 @@ from .launch import (
 
 
 def start_detached(corral: RunContext, spec: RunSpec, *, on_wait: Callable[[object], None] | None = None) -> RunRecord:
-    """Start *spec* owned by a small process in the run's own scope; return once it runs.
-    The session lease travels to that owner with the fork; this process drops its copy."""
+    """Start *spec* owned by corral's shared owner (or an owner forked here, in the run's
+    own scope); return once it runs. The leases' fds go to that owner; we drop our copies."""
     leases = take_leases(corral, spec, on_wait)
     run_auth = None
     try:
@@ -71,54 +76,69 @@ def _run_detached(corral: RunContext, spec: RunSpec, record: RunRecord, leases: 
                   run_auth: RunAuth | None) -> RunRecord:
     backend = corral.backend
     cgroup = backend.prepare(spec.agent, record.id, spec.limits)
-    log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # type: ignore[arg-type]
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-    owner_pid = None
-    if run_auth is None and forkserver.enabled():  # the run's auth serves from our memory: only a fork takes it
-        owner_pid = forkserver.spawn_owner(corral, spec, record, cgroup, log_fd, report_w, gate_r, leases,
-                                           withhold=(report_r, gate_w))
-    if owner_pid is None:
-        _fork_owner(corral, spec, record, cgroup, log_fd, (report_r, report_w), (gate_r, gate_w), leases, run_auth)
-    os.close(report_w)
-    os.close(gate_r)
-    os.close(log_fd)
-    reader = os.fdopen(report_r, "rb")
+    gate_w = -1
+    placed = False
     try:
-        if owner_pid is None:
-            owner_line = reader.readline()
-            if not owner_line:
-                raise CorralError("the run's owner process did not start")
-            owner_pid = int(owner_line)
+        log_fd = os.open(record.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # type: ignore[arg-type]
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
         try:
+            shared = False
+            if run_auth is None and shared_owner.enabled():  # the run's auth serves from our memory: only a fork takes it
+                sandbox = plan_sandbox(corral, spec, record)  # from our environment; errors before any process
+                shared = shared_owner.hand_over(corral, spec, record, cgroup, sandbox, log_fd, report_w, gate_r, leases)
+            if not shared:
+                _fork_owner(corral, spec, record, cgroup, log_fd, (report_r, report_w), (gate_r, gate_w), leases,
+                            run_auth)
+        finally:
+            os.close(report_w)
+            os.close(gate_r)
+            os.close(log_fd)
+        with os.fdopen(report_r, "rb") as reader:
+            first = reader.readline().decode().strip()
+            if shared and first.startswith("adopt "):
+                pids = [int(pid) for pid in first.split()[1:]]  # the watchdog and main, at their gate
+            elif not shared and first.isdigit():
+                pids = [int(first)]  # the owner, at its gate
+            else:
+                raise _failure(spec, first or "the run's owner process did not start")
             limits = backend.adopt(
-                spec.agent, record.id, [owner_pid], description=describe(spec.agent, spec.argv),
+                spec.agent, record.id, pids, description=describe(spec.agent, spec.argv),
                 limits=spec.limits, timeout=backstop(spec.timeout), grace=spec.grace,
             )
             check_strict_limits(spec, limits)
-        except BaseException:
-            os.close(gate_w)  # the owner sees EOF at the gate and exits
+            # The gate carries the read-back limits: the owner writes the one "running" record.
+            os.write(gate_w, b"g" + json.dumps(limits).encode() + b"\n")
+            os.close(gate_w)
+            gate_w = -1
+            placed = True
+            reply = reader.readline().decode().strip()
+    except BaseException:
+        if gate_w >= 0:
+            os.close(gate_w)  # the owner sees EOF at the gate: its processes exit unstarted
+        if not placed:
             backend.release(spec.agent, record.id, cgroup)
             corral.store.save_or_warn(record.replace(state="failed", ended_by="spawn-failed", ended_at=now_iso()),
                                       f"run {record.id} did not start; its record could not say so")
-            raise
-        # The gate carries the read-back limits: the owner writes the one "running" record.
-        os.write(gate_w, b"g" + json.dumps(limits).encode() + b"\n")
-        os.close(gate_w)
-        reply = reader.readline().decode().strip()
-    finally:
-        reader.close()
-    if reply.startswith("fail "):  # the owner could not record the run: it is gone again
-        raise BackendError(f"run {record.id} was not started: {reply[5:]}",
-                           hint="free space on the state filesystem (corral doctor names it), then try again")
-    if not reply.startswith("ok"):
-        from ..errors import spawn_error
-
-        errno_text = reply.partition(" ")[2]
-        code = int(errno_text) if errno_text.isdigit() else 0
-        raise spawn_error(f"cannot run {spec.argv[0]!r}: {os.strerror(code) if code else reply or 'owner died'}",
-                         errno=code)
+        raise
+    if not reply.startswith("ok"):  # the owner recorded why and removed what it had started
+        raise _failure(spec, reply or "owner died")
     return corral.store.load(record.id) or record
+
+
+def _failure(spec: RunSpec, reply: str) -> CorralError:
+    """The owner's ``err <errno> <message>`` or ``fail <message>`` as the error to raise."""
+    if reply.startswith("fail "):  # the owner could not record the run: it is gone again
+        return BackendError(f"the run was not started: {reply[5:]}",
+                            hint="free space on the state filesystem (corral doctor names it), then try again")
+    from ..errors import spawn_error
+
+    _, _, rest = reply.partition(" ")
+    errno_text, _, message = rest.partition(" ")
+    code = int(errno_text) if errno_text.isdigit() else 0
+    if message:
+        return spawn_error(message, errno=code)
+    return spawn_error(f"cannot run {spec.argv[0]!r}: {os.strerror(code) if code else reply}", errno=code)
 
 def _fork_owner(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int,
                 report: tuple[int, int], gate: tuple[int, int], leases: list[HeldLock],
@@ -186,7 +206,7 @@ def detached_owner(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup:
                                   f"run {record.id} did not start; its record could not say so")
         cgroup.kill()
         os._exit(1)
-    output = _start_output(corral, spec, record, {out_r: "stdout", err_r: "stderr"})
+    output = start_output(corral, spec, record, {out_r: "stdout", err_r: "stderr"})
     running = record.replace(
         state="running", main_pid=main.pid, owner_pid=os.getpid(), owner_start=process_start(os.getpid()),
         helper_pids=[os.getpid(), watchdog.pid], started_at=now_iso(),
@@ -205,13 +225,8 @@ def detached_owner(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup:
         os._exit(1)
     os.write(report_w, b"ok\n")
     os.close(report_w)
-    owner = Owner(
-        backend=corral.backend, store=corral.store, record=running, cgroup=cgroup, main_pid=main.pid,
-        watchdog_pid=watchdog.pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=True,
-        reap_orphans=True, keep_leftovers=spec.keep_leftovers, sandboxed=sandbox.active,
-    )
-    owner.leases = leases
-    owner.output = output
+    owner = detached_run_owner(corral, spec, running, cgroup, (main.pid, watchdog.pid, wd_fd), sandbox.active, leases,
+                               output, in_scope=True)
     if run_auth is not None:
         owner.services = run_auth
         run_auth.start()
@@ -219,9 +234,27 @@ def detached_owner(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup:
     os._exit(0)
 
 
-def _start_output(corral: RunContext, spec: RunSpec, record: RunRecord,
-                  pipes: dict[int, str]) -> OutputPump:  # pragma: no cover - runs in the forked owner
-    """The thread that writes the command's output to its log (and, on systemd, the journal)."""
+def detached_run_owner(corral: RunContext, spec: RunSpec, running: RunRecord, cgroup: CgroupDir,
+                       pair: tuple[int, int, int], sandboxed: bool, leases: list[HeldLock], output: OutputPump, *,
+                       in_scope: bool) -> Owner:
+    """The :class:`.supervise.Owner` of a detached run: *pair* is main's pid, the
+    watchdog's and its pipe. *in_scope*: a forked owner in the run's ``supervisor/`` leaf
+    (it leaves the scope at the end and reaps orphans as subreaper); the shared owner is not."""
+    main_pid, watchdog_pid, wd_fd = pair
+    owner = Owner(
+        backend=corral.backend, store=corral.store, record=running, cgroup=cgroup, main_pid=main_pid,
+        watchdog_pid=watchdog_pid, watchdog_fd=wd_fd, timeout=spec.timeout, grace=spec.grace, in_cgroup=in_scope,
+        reap_orphans=in_scope, keep_leftovers=spec.keep_leftovers, sandboxed=sandboxed,
+    )
+    owner.leases = leases
+    owner.output = output
+    return owner
+
+
+def start_output(corral: RunContext, spec: RunSpec, record: RunRecord, pipes: dict[int, str], *,
+                 follow_stdio: bool = True) -> OutputPump:  # pragma: no cover - runs in an owner
+    """The thread that writes the command's output to its log (and, on systemd, the journal).
+    *follow_stdio*: a forked owner's own stdout/stderr follow the log through a rotation."""
     from ..units import DEFAULT_LOG_MAX
     from .output import LogFile, OutputPump, open_journal
 
@@ -230,7 +263,7 @@ def _start_output(corral: RunContext, spec: RunSpec, record: RunRecord,
         os.dup2(fd, 2)
 
     log = LogFile(Path(record.log or corral.store.log_path(record.id)), int(spec.log_max or DEFAULT_LOG_MAX),
-                  on_reopen=point_stdio)
+                  on_reopen=point_stdio if follow_stdio else None)
     journal = None
     if corral.backend.name == "systemd":
         journal = open_journal(run_id=record.id, agent=record.agent, unit=record.unit, argv0=spec.argv[0],

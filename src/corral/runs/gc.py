@@ -94,7 +94,8 @@ def collect(corral: RunContext, *, retention: float = DEFAULT_RETENTION) -> GcRe
     except FileNotFoundError:  # the last run's release removed it meanwhile
         entries = []
     for entry in entries:
-        if entry.is_dir() and entry.name.startswith("corral-") and entry.name.endswith(".slice"):
+        # agent slices, and the cgroup of a shared owner that could not remove its own
+        if entry.is_dir() and entry.name.startswith("corral-") and entry.name.endswith((".slice", ".scope")):
             try:
                 os.rmdir(entry.path)
                 report.removed_cgroups.append(entry.path)

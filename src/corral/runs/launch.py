@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ..linux.flock import HeldLock
     from ..linux.terminal import PtyRelay
     from .context import RunContext
-    from .spawn import HeldChild
+    from .spawn import HeldChild, Inherited
 
 DESCRIPTION_MAX = 200
 
@@ -102,7 +102,7 @@ def prepare_auth(corral: RunContext, spec: RunSpec, record: RunRecord) -> tuple[
                                bind_back=(*spec.bind_back, *run_auth.shared))
     return spec, run_auth
 
-def _sandbox(corral: RunContext, spec: RunSpec, record: RunRecord) -> Sandbox:
+def plan_sandbox(corral: RunContext, spec: RunSpec, record: RunRecord) -> Sandbox:
     """The run's isolation, planned before the fork (errors surface here, not in the child)."""
     from ..isolation.sandbox import plan
 
@@ -273,11 +273,14 @@ def _start_attached(corral: RunContext, spec: RunSpec, record: RunRecord, *, rea
     return record, owner
 
 def fork_pair(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, *, stdio: tuple[int, int, int],
-               join_supervisor: bool, terminal: bool = False,
+               join_supervisor: bool, terminal: bool = False, sandbox: Sandbox | None = None,
+               inherit: Inherited | None = None, own_session: bool = False,
                ) -> tuple[HeldChild, HeldChild, int, Sandbox, PtyRelay | None]:
     """Fork the watchdog (into ``supervisor/``) and the main command (into ``payload/``),
     both held at the gate until the caller has placed them in the unit. With *terminal*,
-    a sandboxed command on a terminal gets a pty of its own (returned as the relay)."""
+    a sandboxed command on a terminal gets a pty of its own (returned as the relay).
+    *sandbox*: planned already (by the caller of a shared owner, from its environment);
+    *inherit*, *own_session*: what the shared owner gives each run of its callers."""
     wd_r, wd_w = os.pipe2(os.O_CLOEXEC)
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     supervisor, payload = str(cgroup.supervisor.path), str(cgroup.payload.path)
@@ -285,11 +288,12 @@ def fork_pair(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: Cgro
         watchdog = fork_held(
             watchdog_argv(str(cgroup.path / "cgroup.kill"), str(corral.store.lost_path(record.id))),
             env={"PATH": "/usr/bin:/bin"}, cwd="/", stdio=(wd_r, devnull, devnull),
-            join=(lambda: join(supervisor)) if join_supervisor else None, new_session=True,
+            join=(lambda: join(supervisor)) if join_supervisor else None, new_session=True, inherit=inherit,
         )
         relay = None
         try:
-            sandbox = _sandbox(corral, spec, record)
+            if sandbox is None:
+                sandbox = plan_sandbox(corral, spec, record)
             if terminal and sandbox.active:
                 from ..linux.terminal import PtyRelay, wants_pty
 
@@ -298,7 +302,7 @@ def fork_pair(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: Cgro
                     stdio = relay.stdio()
             main = fork_held(spec.argv, env=sandbox.env, cwd=record.cwd, stdio=stdio, join=lambda: join(payload),
                              hide=() if sandbox.active else spec.hidden_paths, sandbox=sandbox,
-                             new_session=sandbox.active, ctty=relay is not None)
+                             new_session=sandbox.active or own_session, ctty=relay is not None, inherit=inherit)
         except BaseException:
             watchdog.abort()
             if relay is not None:

@@ -42,6 +42,7 @@ class RunView:
             "unit": r.unit,
             "backend": r.backend,
             "main_pid": r.main_pid,
+            "owner_pid": r.owner_pid,  # who waits for it (corral's shared owner, or the attached CLI)
             "pids": self.pids,
             "memory_bytes": self.memory_bytes,
             "memory_source": self.memory_source,

@@ -9,6 +9,7 @@ through a close-on-exec error pipe, the way ``_posixsubprocess`` does.
 from __future__ import annotations
 
 import os
+import resource  # here, not in the child: a fork of a threaded process must not import
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,20 @@ def reset_signals_in_child() -> None:
     for sig in _RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """What a child forked by corral's shared owner takes from the caller that handed the
+    run over, instead of from the owner: its umask, and its soft limit on open files (the
+    owner raises its own: it holds a dozen fds per run)."""
+
+    umask: int
+    nofile: tuple[int, int]
+
+    def apply(self) -> None:
+        os.umask(self.umask)
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
 
 @dataclass
@@ -112,10 +127,13 @@ def _child(
     hide: Sequence[str] = (),
     sandbox: Sandbox | None = None,
     ctty: bool = False,
+    inherit: Inherited | None = None,
 ) -> None:
     """Runs in the forked child; never returns."""
     try:
         reset_signals_in_child()
+        if inherit is not None:
+            inherit.apply()
         if new_session:
             os.setsid()
         if os.read(gate_r, 1) != b"g":
@@ -184,17 +202,19 @@ def fork_held(
     hide: Sequence[str] = (),
     sandbox: Sandbox | None = None,
     ctty: bool = False,
+    inherit: Inherited | None = None,
 ) -> HeldChild:
     """Fork a child that waits for ``release()``, runs *join* (if any), then execs *argv*,
     or, with an active *sandbox*, bwrap around it (as the sandbox's identity). *ctty*: make
-    stdin (a pty slave) the controlling terminal of the child's new session."""
+    stdin (a pty slave) the controlling terminal of the child's new session. *inherit*: what
+    the child takes from a caller of the shared owner rather than from this process."""
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(gate_w)
         os.close(err_r)
-        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session, hide, sandbox, ctty)
+        _child(argv, env, cwd, stdio, join, gate_r, err_w, new_session, hide, sandbox, ctty, inherit)
     os.close(gate_r)
     os.close(err_w)
     return HeldChild(pid=pid, argv=argv, _gate_w=gate_w, _err_r=err_r)

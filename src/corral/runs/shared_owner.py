@@ -1,28 +1,32 @@
-"""A fork server for detached owners: one process per state dir and corral install that
-has imported the owner's code once, and forks each detached run's owner from it.
+"""The shared owner of detached runs, the caller's side: one process per state dir,
+backend and corral install (:mod:`.ownerd`) owns every detached run its callers hand it.
 
-Why: an owner forked from the ``corral run`` that started it keeps that process's whole
-heap (click, the command tree, the config) as its own, 13-14 MiB of PSS per run. Owners
-forked from this server share the pages of the modules they run, copy-on-write
-(``gc.freeze()`` keeps the collector off them): 3-4 MiB per run at ten runs, less with
-more (bench/owner_memory.py, the bench's "fork server" row).
+Why: a detached run needs an owner (wait for the command, pump its output into the log,
+keep its deadline, record its end, release its leases). One Python process per run costs
+12-14 MiB of PSS forked from the CLI, 5-6 MiB forked from a warm server (CPython changes
+reference counts on every page it runs, so copy-on-write shares little). One process for
+all runs costs its ~13 MiB once and a thread pair per run (bench/ANALYSIS.md).
 
-What the owner does is unchanged (:func:`.detach.detached_owner`); only who forks it. A
-fork hands the child everything its parent has, so the caller sends what the fork from it
-would have given: its open fds at their numbers (SCM_RIGHTS), its environment and working
-directory, and the run's spec, record and leases (pickled; unpickled only in the forked
-child). The rest of a process's context cannot be sent: namespaces, capabilities,
-no_new_privs, seccomp, LSM label, ids and groups, rlimits, affinity, priorities, audit
-session. The server reads the caller's from /proc through a pidfd and forks only for a
-caller whose context is its own; anyone else gets "no" and forks its owner itself, as
-before. So a caller never gets more through the server than it could do alone: a
-sandboxed caller cannot start unsandboxed runs here, and what it sends runs with exactly
-its own privileges. Runs with ``--auth`` always fork their own owner: their auth broker
-is already serving from the caller's memory.
+What stays per run: its watchdog (:mod:`.watchdog`) in the run's own scope, whose pipe's
+only writer is the owner. If the shared owner dies, even by SIGKILL, every watchdog sees
+EOF and kills its run: nothing outlives its owner, as before. The owner lives in a
+cgroup of its own (``corral.slice/corral-ownerd-<key>.scope``), so the end of whoever
+started it (a logout, a stopped service) is not the end of the runs.
 
-The server lives outside every run (it is nobody's owner), exits after a few idle
-seconds (its children keep sharing what they shared) and never unlinks its socket: a
-caller that finds the socket dead removes it under the start lock and starts a new one.
+Whom it serves: the owner forks each run's command and watchdog itself, so they inherit
+its context, not the caller's. The caller's context (ids, groups, capabilities,
+no_new_privs, seccomp, namespaces, root, LSM label, audit session, rlimits, priorities,
+affinity) is read from /proc through a pidfd and must equal the owner's; anyone else is
+turned away and forks an owner of its own, as before. So a caller never gets more through
+the owner than it could do alone: a sandboxed caller cannot start unsandboxed runs here,
+and a niced one's command keeps its nice. The caller plans the run's environment and
+sandbox from its own environment; the owner gives the command the caller's umask. Runs
+with ``--auth`` fork their own owner: their auth broker serves from the caller's memory.
+
+The caller hands over the run's log, its report and gate pipes and its leases' fds
+(SCM_RIGHTS), and the spec, record and plan (pickled). The owner forks the pair held at
+the gate and reports their pids; the caller places them (systemd: the scope around them)
+and opens the gate, exactly as for an owner it forked itself.
 """
 
 from __future__ import annotations
@@ -42,16 +46,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..isolation.sandbox import Sandbox
     from ..linux.cgroup import CgroupDir
     from ..linux.flock import HeldLock
     from ..records import RunRecord
     from ..spec import RunSpec
     from .context import RunContext
 
-IDLE_ENV = "CORRAL_FORKSERVER_IDLE"  # seconds a server waits for the next run (tests: short)
-DISABLE_ENV = "CORRAL_FORKSERVER"  # "0": every owner is forked by its caller
+IDLE_ENV = "CORRAL_OWNERD_IDLE"  # seconds an owner with no run waits for the next (tests: short)
+DISABLE_ENV = "CORRAL_SHARED_OWNER"  # "0": every detached run gets an owner forked by its caller
 DEFAULT_IDLE = 10.0
-LOCK_NAME = "forkserver.lock"  # one per runtime dir: taken to start a server, and by one leaving
+LOCK_NAME = "ownerd.lock"  # one per runtime dir: taken to start an owner, and by one leaving
+# What decides which backend the owner opens and how it reaches it: the owner gets these
+# (and no other variable of its first caller's), and a caller with other values another owner.
+BACKEND_ENV = ("CORRAL_BACKEND", "CORRAL_CGROUP_ROOT", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS",
+               "DBUS_SYSTEM_BUS_ADDRESS")
+# Where a cgroup is decides nothing once the owner lives in its own: compared only if it could not move.
+PLACEMENT_KEYS = ("cgroup",)
+UMASK_KEY = "umask"
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer, fixed at connect()
 HEADER = struct.Struct("!I")
 MAX_FDS = 250  # SCM_MAX_FD is 253
@@ -86,9 +98,10 @@ def process_context(pid: int) -> dict[str, str]:
     status = {}
     for line in _read(f"{base}/status").splitlines():
         key, _, value = line.partition(":")
-        if key in _STATUS_FIELDS:
+        if key in _STATUS_FIELDS or key == "Umask":
             status[key] = value.strip()
     ctx = {f"status {k}": status.get(k, "<missing>") for k in _STATUS_FIELDS}
+    ctx[UMASK_KEY] = status.get("Umask", "0022")  # not compared: what the command gets from its caller
     for ns in _NAMESPACES:
         try:
             ctx[f"ns {ns}"] = os.readlink(f"{base}/ns/{ns}")
@@ -110,13 +123,6 @@ def process_context(pid: int) -> dict[str, str]:
     return ctx
 
 
-def umask_of(pid: int) -> int:
-    for line in _read(f"/proc/{pid}/status").splitlines():
-        if line.startswith("Umask:"):
-            return int(line.split()[1], 8)
-    return 0o022
-
-
 def pidfd_pid(pidfd: int) -> int | None:
     """The pid a pidfd refers to while that process lives; None once it has exited."""
     for line in _read(f"/proc/self/fdinfo/{pidfd}").splitlines():
@@ -129,13 +135,19 @@ def pidfd_pid(pidfd: int) -> int | None:
 # --- where a server is ------------------------------------------------------------------
 
 
-def socket_path(runtime: Path, state: Path) -> Path:
-    """One server per state dir, interpreter and version of corral's code: an upgrade (or
-    an edit of an editable install) never forks an owner from old code."""
+def socket_path(runtime: Path, state: Path, backend: str) -> Path:
+    """One owner per state dir, backend (and what picks it), interpreter and version of
+    corral's code: an upgrade (or an edit of an editable install) never runs old code."""
     package = Path(__file__).resolve().parents[1]
     newest = max((p.stat().st_mtime_ns for p in package.rglob("*.py")), default=0)
-    key = hashlib.sha256(f"{sys.executable}\0{package}\0{newest}\0{state}".encode()).hexdigest()[:16]
-    return runtime / f"forkserver-{key}.sock"
+    chosen = "\0".join(f"{k}={os.environ.get(k, '')}" for k in BACKEND_ENV)
+    key = hashlib.sha256(f"{sys.executable}\0{package}\0{newest}\0{state}\0{backend}\0{chosen}".encode())
+    return runtime / f"ownerd-{key.hexdigest()[:16]}.sock"
+
+
+def unit_of(path: Path) -> str:
+    """The owner's own cgroup (cgroupfs) or scope (systemd), in corral.slice."""
+    return f"corral-ownerd-{path.stem.removeprefix('ownerd-')}.scope"
 
 
 def enabled() -> bool:
@@ -145,54 +157,48 @@ def enabled() -> bool:
 # --- the caller's side ------------------------------------------------------------------
 
 
-def spawn_owner(ctx: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, log_fd: int, report_w: int,
-                gate_r: int, leases: list[HeldLock], *, withhold: tuple[int, ...]) -> int | None:
-    """The pid of this run's owner, forked by the server; None if the server cannot or
-    will not (then the caller forks the owner itself). The owner then waits at the gate
-    exactly as one forked by the caller does. *withhold*: fds a fork's child would close
-    first (the caller's ends of the gate and report pipes)."""
-    try:
-        cwd = os.getcwd()
-    except OSError:
-        return None  # a removed cwd: only a real fork can hand that on
-    path = socket_path(ctx.dirs.runtime, ctx.dirs.state)
-    conn = _connect(path) or _start_server(path)
+def hand_over(ctx: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, sandbox: Sandbox, log_fd: int,
+              report_w: int, gate_r: int, leases: list[HeldLock]) -> bool:
+    """Hand the run to the shared owner; True once it took it (its report pipe then says
+    ``adopt <watchdog> <main>``), False if it cannot or will not (then the caller forks
+    the owner itself)."""
+    path = socket_path(ctx.dirs.runtime, ctx.dirs.state, ctx.backend.name)
+    conn = _connect(path) or _start_server(path, ctx.backend.name)
     if conn is None:
-        return None
+        return False
     with conn:
-        fds = _own_fds(exclude=(conn.fileno(), *withhold))
-        if fds is None:
-            return None
+        fds = [log_fd, report_w, gate_r, *(fd for lease in leases for fd in lease.fds())]
+        if len(fds) > MAX_FDS:
+            return False
         try:
             payload = pickle.dumps({
-                "env": dict(os.environ), "cwd": cwd, "fds": [(fd, os.get_inheritable(fd)) for fd in fds],
-                "backend": ctx.backend.name, "dirs": ctx.dirs, "spec": spec, "record": record, "cgroup": cgroup,
-                "log_fd": log_fd, "report_w": report_w, "gate_r": gate_r, "leases": leases,
+                "dirs": ctx.dirs, "spec": spec, "record": record, "cgroup": cgroup, "sandbox": sandbox,
+                "fds": fds, "log_fd": log_fd, "report_w": report_w, "gate_r": gate_r, "leases": leases,
             }, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError):
-            return None  # something of this run only a real fork can hand on
+            return False  # something of this run only a real fork can hand on
         conn.settimeout(10.0)
         try:
             if _read_line(conn) != "ready":
-                return None  # turned away ("no ..."), or gone: nothing was taken
+                return False  # turned away ("no ..."), or gone: nothing was taken
             socket.send_fds(conn, [HEADER.pack(len(payload))], fds)
             conn.sendall(payload)
         except OSError:
-            return None
+            return False
         try:
             reply = _read_line(conn)
         except OSError:
             reply = ""
-    if reply.startswith("ok "):
-        return int(reply[3:])
+    if reply == "ok":
+        return True
     if reply.startswith("no "):
-        return None
-    # Sent, and no answer: an owner may be waiting at our gate. It leaves when the gate
-    # closes, which the failed start does; forking a second one here would not be safe.
+        return False
+    # Sent, and no answer: the owner may be forking the run. It gives up when the gate
+    # closes, which the failed start does; a second owner here would not be safe.
     from ..errors import BackendError
 
-    raise BackendError(f"the fork server at {path} took the run and did not answer",
-                       hint=f"try again; {DISABLE_ENV}=0 makes each run fork its own owner")
+    raise BackendError(f"corral's shared owner at {path} took the run and did not answer",
+                       hint=f"try again; {DISABLE_ENV}=0 makes each detached run fork its own owner")
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -205,9 +211,9 @@ def _connect(path: Path) -> socket.socket | None:
     return conn
 
 
-def _start_server(path: Path) -> socket.socket | None:
-    """Bind the socket here, hand it to a new server, and connect: the connection waits in
-    the backlog while the server imports. Under a lock, so that two callers start one."""
+def _start_server(path: Path, backend: str) -> socket.socket | None:
+    """Bind the socket here, hand it to a new owner, and connect: the connection waits in
+    the backlog while the owner imports. Under a lock, so that two callers start one."""
     from ..linux import flock as _flock
 
     try:
@@ -230,7 +236,7 @@ def _start_server(path: Path) -> socket.socket | None:
             finally:
                 os.umask(old_umask)
             listener.listen(64)
-            _exec_server(listener.fileno(), path)
+            _exec_server(listener.fileno(), path, backend)
         except OSError:
             return None
         finally:
@@ -240,7 +246,7 @@ def _start_server(path: Path) -> socket.socket | None:
         _flock.close_private(lock)
 
 
-def _exec_server(listen_fd: int, path: Path) -> None:
+def _exec_server(listen_fd: int, path: Path, backend: str) -> None:
     first = os.fork()
     if first == 0:  # pragma: no cover - runs in the forked child
         try:
@@ -255,28 +261,14 @@ def _exec_server(listen_fd: int, path: Path) -> None:
             os.set_inheritable(listen_fd, True)
             idle = os.environ.get(IDLE_ENV) or str(DEFAULT_IDLE)
             # -I: neither the caller's cwd nor PYTHON* variables decide what code runs.
-            # An empty environment: each owner gets its caller's, and this long-lived
-            # process keeps none of the first caller's (its /proc/PID/environ).
-            os.execve(sys.executable, [sys.executable, "-I", "-m", "corral.runs.forkserverd", str(listen_fd), idle,
-                                       str(path)], {})
+            # Of the environment only what picks the backend: each run's comes planned by
+            # its caller, and this long-lived process keeps no other (its /proc/PID/environ).
+            env = {k: os.environ[k] for k in BACKEND_ENV if k in os.environ}
+            os.execve(sys.executable, [sys.executable, "-I", "-m", "corral.runs.ownerd", str(listen_fd), idle,
+                                       str(path), backend], env)
         finally:
             os._exit(127)
     os.waitpid(first, 0)
-
-
-def _own_fds(*, exclude: tuple[int, ...]) -> list[int] | None:
-    """This process's open fds but stdio and *exclude*; None if more than one message holds."""
-    fds = []
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2 or fd in exclude:
-            continue
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue  # the listing's own fd, closed by now
-        fds.append(fd)
-    return fds if len(fds) <= MAX_FDS else None
 
 
 def _read_line(conn: socket.socket) -> str:
