@@ -85,8 +85,10 @@ BENCH_VENV  := .bench-venv
 BPY         := $(BENCH_VENV)/bin/python
 $(BENCH_VENV)/.installed: deps pyproject.toml $(shell find src -name '*.py' 2>/dev/null)
 	@[ -x $(BPY) ] || $(PY) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps .
-	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check '.[systemd,test]'
+	@# pip compiles no bytecode under PYTHONDONTWRITEBYTECODE=1 (these machines export it): what a user has
+	env -u PYTHONDONTWRITEBYTECODE $(BENCH_VENV)/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps .
+	env -u PYTHONDONTWRITEBYTECODE $(BENCH_VENV)/bin/pip install -q --disable-pip-version-check '.[systemd,test]'
+	env -u PYTHONDONTWRITEBYTECODE $(BPY) -m compileall -q -j0 $$($(BPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null
 	@touch $@
 
 bench: deps $(BENCH_VENV)/.installed
@@ -128,7 +130,7 @@ wheels:
 install:
 	@[ -x $(PY) ] || { echo "corral: $(PY) is missing (apt-get install python3-venv)"; exit 1; }
 	$(PY) -m venv $(DESTDIR)$(LIBDIR)/venv
-	$(DESTDIR)$(LIBDIR)/venv/bin/pip install -q --disable-pip-version-check $(PIP_FLAGS) '.[systemd]'
+	env -u PYTHONDONTWRITEBYTECODE $(DESTDIR)$(LIBDIR)/venv/bin/pip install -q --disable-pip-version-check $(PIP_FLAGS) '.[systemd]'
 	@# a venv records its own path: when staged under DESTDIR, point it at the final one
 	@if [ -n "$(DESTDIR)" ]; then grep -rlI -- "$(DESTDIR)$(LIBDIR)" $(DESTDIR)$(LIBDIR)/venv/bin \
 	  $(DESTDIR)$(LIBDIR)/venv/pyvenv.cfg | xargs -r sed -i "s|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g"; fi

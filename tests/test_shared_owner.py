@@ -237,3 +237,35 @@ def test_another_user_cannot_reach_the_owner(corral: CorralCLI) -> None:
                            str(path)], capture_output=True, text=True, timeout=30, check=False)
     assert proc.stdout.startswith("refused"), (proc.stdout, proc.stderr)
     assert corral("kill", run_id).returncode == 0
+
+
+def test_the_command_gets_its_callers_open_file_limit(corral: CorralCLI) -> None:
+    """The owner raises its own soft limit (it holds fds for every run), not its runs'."""
+    import resource
+
+    agent = corral.agent()
+    run_id = corral.detach(agent, "sh", "-c", "ulimit -n; ulimit -Hn", opts=("--isolation", "none"))
+    assert corral("wait", run_id, timeout=60).returncode == 0
+    assert _shared(_owner(corral, run_id))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    out = corral("logs", run_id, check=True).stdout.split()
+    assert out[:2] == [str(soft), str(hard) if hard != resource.RLIM_INFINITY else "unlimited"], out
+
+
+def test_an_owner_at_its_open_file_limit_turns_callers_away(corral: CorralCLI) -> None:
+    """Callers whose hard limit keeps the owner small: once it is full they fork their own
+    owners, and every run starts."""
+    agent = corral.agent()
+    ids = []
+    for _ in range(12):
+        proc = subprocess.run(["sh", "-c", 'ulimit -n 120 && exec "$@"', "sh", *CORRAL, "run", "-d", "--isolation",
+                               "none", agent, "--", "sleep", "1000"], env=corral.env, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        ids.append(proc.stdout.strip())
+    owners = [_owner(corral, run_id) for run_id in ids]
+    shared = {pid for pid in owners if _shared(pid)}
+    assert len(shared) == 1, owners
+    assert 0 < owners.count(next(iter(shared))) < len(ids), "the owner took some, then turned the rest away"
+    assert all(corral.show(run_id)["state"] == "running" for run_id in ids)
+    assert corral("kill", agent).returncode == 0

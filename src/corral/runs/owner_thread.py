@@ -24,13 +24,27 @@ if TYPE_CHECKING:
     from ..spec import RunSpec
     from .context import RunContext
     from .spawn import HeldChild, Inherited
+    from .supervise import Owner
 
 
 def own_run(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, sandbox: Sandbox, inherit: Inherited,
-            log_fd: int, report_w: int, gate_r: int, leases: list[HeldLock], *, owner_start: float | None) -> None:
+            report_w: int, gate_r: int, leases: list[HeldLock], *, owner_start: float | None) -> None:
     """One run, on its thread of the shared owner: as :func:`.detach.detached_owner`, but
     the pair is forked before the gate (the caller places them, not us) and this process
-    stays where it is. *log_fd*, *report_w*, *gate_r*: the caller closes none of them."""
+    stays where it is. *report_w* and *gate_r* are ours to close, as soon as the run has
+    started: the owner holds a few fds per run, for as long as it runs."""
+    try:
+        owner = _start_run(corral, spec, record, cgroup, sandbox, inherit, report_w, gate_r, leases, owner_start)
+    finally:
+        os.close(gate_r)
+        os.close(report_w)
+    if owner is not None:
+        owner.wait()
+
+
+def _start_run(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, sandbox: Sandbox,
+               inherit: Inherited, report_w: int, gate_r: int, leases: list[HeldLock],
+               owner_start: float | None) -> Owner | None:
     from .launch import fork_pair
 
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -45,7 +59,7 @@ def own_run(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: Cgroup
         os.close(out_r)
         os.close(err_r)
         _tell(report_w, f"err {getattr(err, 'errno', 0) or 0} {err.message}")  # the caller records it
-        return
+        return None
     finally:
         os.close(devnull)
         os.close(out_w)
@@ -60,17 +74,17 @@ def own_run(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: Cgroup
         watchdog.abort()
         for fd in (wd_fd, out_r, err_r):
             os.close(fd)
-        return
+        return None
     limits = json.loads(line[1:] or b"{}")
     # From here the caller is not needed (a report it cannot read any more is no failure):
     # the pair runs or is torn down, and what happened is recorded.
-    _start_pair(corral, spec, record, cgroup, sandbox, limits, main, watchdog, wd_fd, (out_r, err_r), report_w,
-                leases, owner_start)
+    return _start_pair(corral, spec, record, cgroup, sandbox, limits, main, watchdog, wd_fd, (out_r, err_r), report_w,
+                       leases, owner_start)
 
 
 def _start_pair(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, sandbox: Sandbox,
                 limits: dict[str, Any], main: HeldChild, watchdog: HeldChild, wd_fd: int, pipes: tuple[int, int],
-                report_w: int, leases: list[HeldLock], owner_start: float | None) -> None:
+                report_w: int, leases: list[HeldLock], owner_start: float | None) -> Owner | None:
     from .detach import detached_run_owner, start_output
 
     out_r, err_r = pipes
@@ -104,14 +118,14 @@ def _start_pair(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: Cg
                                   f"run {record.id} did not start; its record could not say so")
         if isinstance(err, CorralError) and len(started) < 2:
             _tell(report_w, f"err {getattr(err, 'errno', 0) or 0} {err.message}")
-            return
+            return None
         _tell(report_w, f"fail {getattr(err, 'message', None) or err!r}")
         if not isinstance(err, CorralError):
             raise  # told in the run's log, with its traceback
-        return
+        return None
     _tell(report_w, "ok")
-    detached_run_owner(corral, spec, running, cgroup, (main.pid, watchdog.pid, wd_fd), sandbox.active, leases, output,
-                       in_scope=False).wait()
+    return detached_run_owner(corral, spec, running, cgroup, (main.pid, watchdog.pid, wd_fd), sandbox.active, leases,
+                              output, in_scope=False)
 
 
 def _end_unstarted(corral: RunContext, record: RunRecord, cgroup: CgroupDir, started: list[int], wd_fd: int,

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from ..linux.flock import HeldLock
 
 
+FDS_MARGIN = 64  # what one more run (and its children's start) may need, with room to spare
+
+
 class SharedOwner:
     def __init__(self, listener: socket.socket, idle: float, path: Path, backend: str) -> None:
         self.listener = listener
@@ -192,6 +195,9 @@ class SharedOwner:
             for key in PLACEMENT_KEYS:
                 theirs.pop(key, None)
         differs = sorted(k for k in me.keys() | theirs.keys() if me.get(k) != theirs.get(k))
+        if len(os.listdir("/proc/self/fd")) + FDS_MARGIN > resource.getrlimit(resource.RLIMIT_NOFILE)[0]:
+            conn.sendall(b"no full: at its open-file limit\n")  # the caller forks an owner of its own
+            return
         if not alive or differs:
             conn.sendall(f"no {'caller gone' if not alive else 'context differs: ' + ', '.join(differs)}\n".encode())
             return
@@ -234,7 +240,8 @@ class SharedOwner:
 
     def _own(self, request: dict[str, Any], fds: list[int]) -> None:
         moved = dict(zip(request["fds"], fds, strict=True))
-        log_fd, report_w, gate_r = (moved[request[k]] for k in ("log_fd", "report_w", "gate_r"))
+        os.close(moved[request["log_fd"]])  # a failure here is written to the log by its path
+        report_w, gate_r = moved[request["report_w"]], moved[request["gate_r"]]
         leases: list[HeldLock] = request["leases"]
         for lease in leases:
             lease.rebind(moved)
@@ -245,20 +252,17 @@ class SharedOwner:
             try:
                 inherit = Inherited(umask=request["umask"], nofile=self.nofile)
                 own_run(corral, request["spec"], request["record"], request["cgroup"], request["sandbox"], inherit,
-                        log_fd, report_w, gate_r, leases, owner_start=self.start)
+                        report_w, gate_r, leases, owner_start=self.start)
             finally:
                 corral.close()
         except BaseException:  # noqa: BLE001 - say why, in the run's log
             import traceback
 
-            with contextlib.suppress(OSError):
-                os.write(log_fd, traceback.format_exc().encode())
+            with contextlib.suppress(OSError), open(request["record"].log, "a") as log:
+                log.write(traceback.format_exc())
         finally:
             for lease in leases:
                 lease.close()  # released by the run's end; or the caller releases its copy
-            for fd in (log_fd, report_w, gate_r):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
             with self.lock:
                 self.runs -= 1
             with contextlib.suppress(OSError):

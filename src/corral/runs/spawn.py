@@ -47,8 +47,7 @@ class Inherited:
     umask: int
     nofile: tuple[int, int]
 
-    def apply(self) -> None:
-        os.umask(self.umask)
+    def limit_files(self) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
 
@@ -133,7 +132,7 @@ def _child(
     try:
         reset_signals_in_child()
         if inherit is not None:
-            inherit.apply()
+            os.umask(inherit.umask)
         if new_session:
             os.setsid()
         if os.read(gate_r, 1) != b"g":
@@ -179,7 +178,9 @@ def _child(
         for fd in keep:
             os.closerange(start, fd)
             start = fd + 1
-        os.closerange(start, 65536)
+        os.closerange(start, max(65536, os.sysconf("SC_OPEN_MAX")))
+        if inherit is not None:
+            inherit.limit_files()  # now: the open-file limit bounds opens, and most fds are closed
         os.execvpe(argv[0], list(argv), dict(env))
     except OSError as err:
         try:
