@@ -47,7 +47,8 @@ def _product() -> str:
     where = Path(_installed.__file__).resolve()
     if REPO / "src" in where.parents:
         return "editable checkout (sources compiled on every start: PYTHONDONTWRITEBYTECODE=1)"
-    cached = any(where.parent.glob("__pycache__/core.*.pyc"))
+    cached = any(where.parent.glob(f"__pycache__/{where.stem}.*.pyc")) and any(
+        where.parent.glob("runs/__pycache__/launch.*.pyc"))
     return f"installed package ({'bytecode compiled' if cached else 'NO bytecode'}), {where.parent}"
 
 
@@ -335,17 +336,27 @@ class Bench:
             server.stop()
 
     def overhead(self) -> None:
-        run = self.corral.run(RunSpec(agent="benchmem", argv=("sleep", "1000")), detach=True)
+        # A fresh shared owner (its own state dir), and the bench's own one, which by now
+        # has owned the ps rows' hundreds of runs: what it keeps after they ended.
+        fresh = Corral(self.backend, dirs=Dirs(config=self.tmp / "config", state=self.tmp / "mem-state",
+                                               runtime=self.tmp / "mem-rt"))
+        run = fresh.run(RunSpec(agent="benchmem", argv=("sleep", "1000")), detach=True)
+        after = self.corral.run(RunSpec(agent="benchmem", argv=("sleep", "1000")), detach=True)
         bare = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(1000)"])
-        time.sleep(0.3)
-        owner = self.corral.get(run.id).record.owner_pid
+        time.sleep(0.5)
+        owner = fresh.get(run.id).record.owner_pid
         owner_pss = _pss_kib(owner) if owner else 0
+        used = self.corral.get(after.id).record.owner_pid
+        used_pss = _pss_kib(used) if used else 0
         bare_pss = _pss_kib(bare.pid)
         bare.kill()
         bare.wait()
         run.kill()
-        self.row("one detached run: its owner's PSS (the shared owner, alone)", owner_pss / 1024,
+        after.kill()
+        self.row("one detached run: its owner's PSS (a new shared owner)", owner_pss / 1024,
                  "a bare `python3 -S` asleep: PSS", bare_pss / 1024, unit="MiB")
+        self.row("... the bench's shared owner, 1 run, after the ps rows' runs ended", used_pss / 1024,
+                 "a new shared owner", owner_pss / 1024, unit="MiB")
         # What many runs cost, started as users start them: `corral run -d`, a process that
         # exits. One shared owner owns them all (its PSS shared out over the runs, plus each
         # run's watchdog); the anchor is the same runs with each owner forked by the exiting
