@@ -137,7 +137,7 @@ class Bench:
         if self.editable_cli:
             dev = median_ms(lambda: subprocess.run([self.editable_cli, "run", "benchcli", "--", "true"], env=self.env,
                                                    capture_output=True, check=True), self.n)
-            self.row("CLI, editable dev venv (no bytecode)", dev, "installed", corral)
+            self.row("CLI, editable dev venv (bytecode only where a __pycache__ was left)", dev, "installed", corral)
 
     def launch_library(self) -> None:
         def lib() -> None:
@@ -147,6 +147,9 @@ class Bench:
         if self.backend == "systemd":
             raw = median_ms(self._raw_pystemd, self.n)
             self.row("library: Corral.run(true).wait()", corral, "raw pystemd StartTransientUnit", raw)
+            steps = median_ms(self._same_dbus_steps, self.n)
+            self.row("library: Corral.run(true).wait()", corral,
+                     "the same D-Bus steps bare (held fork, start + JobRemoved, exec true, wait, UnitRemoved)", steps)
         else:
             raw = median_ms(self._raw_cgroupfs, self.n)
             self.row("library: Corral.run(true).wait()", corral, "raw mkdir+fork+join+wait+rmdir", raw)
@@ -184,6 +187,29 @@ class Bench:
                                                               b"_custom": (b"PIDs", b"au", [pid])})
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+    def _same_dbus_steps(self) -> None:
+        """What a launch cannot do without: a child held until systemd has its scope, then
+        exec'd, waited for, and its scope gone. No record, lease, watchdog or sandbox."""
+        from corral.spec import Limits
+
+        backend = self.corral.backend
+        gate_r, gate_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(gate_w)
+                os.read(gate_r, 1)
+                os.execvp("true", ["true"])
+            finally:
+                os._exit(127)
+        os.close(gate_r)
+        run_id = os.urandom(4).hex()
+        backend.adopt("benchsteps", run_id, [pid], description="bench", limits=Limits(), timeout=None, grace=1.0)
+        os.write(gate_w, b"g")
+        os.close(gate_w)
+        os.waitpid(pid, 0)
+        backend.release("benchsteps", run_id, backend.run_cgroup("benchsteps", run_id))
 
     def kill_big_run(self) -> None:
         n = 1000

@@ -11,6 +11,7 @@ import click
 
 from .. import __version__
 from ..errors import CorralError
+from .housekeeping import settle_lost_runs
 from .output import echo_json
 from .params import (
     Ctx,
@@ -68,19 +69,7 @@ def _epilog() -> str:
 def cli(ctx: click.Context, backend: str | None) -> None:
     """Run AI coding agents side by side, each run in its own cgroup."""
     ctx.obj = Ctx(backend)
-    _settle_lost_runs()
-
-
-def _settle_lost_runs() -> None:
-    """Every command first records the ends the watchdogs noted (an owner that died) and
-    removes those runs' empty cgroup dirs: nobody has to run ps or gc for that."""
-    try:
-        from ..paths import Dirs
-        from ..records import RecordStore
-
-        RecordStore(Dirs.from_env().runs).settle_lost()
-    except Exception:  # noqa: BLE001, S110 -- housekeeping must never break the command asked for
-        pass
+    settle_lost_runs()
 
 
 @cli.command()

@@ -202,7 +202,7 @@ class SharedOwner:
             conn.sendall(f"no {'caller gone' if not alive else 'context differs: ' + ', '.join(differs)}\n".encode())
             return
         conn.sendall(b"ready\n")
-        header, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, MAX_FDS)
+        header, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
         try:
             if len(header) != HEADER.size:
                 raise ValueError("short request")
