@@ -38,7 +38,7 @@ ENVIRONMENT = (
     ("XDG_CONFIG_HOME", "config.toml, under corral/ (root: /etc/corral)"),
     ("XDG_STATE_HOME", "records, logs, tokens (root: /var/lib/corral)"),
     ("XDG_RUNTIME_DIR", "leases, broker socket (root: /run/corral)"),
-    ("CORRAL_FORKSERVER", "0: each detached run forks its own owner (default: the fork server does)"),
+    ("CORRAL_SHARED_OWNER", "0: each detached run gets an owner of its own (default: corral's shared owner)"),
     ("CORRAL_RUN_ID", "set in every run (with CORRAL_AGENT, CORRAL_UNIT)"),
 )
 
