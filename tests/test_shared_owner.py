@@ -269,3 +269,18 @@ def test_an_owner_at_its_open_file_limit_turns_callers_away(corral: CorralCLI) -
     assert 0 < owners.count(next(iter(shared))) < len(ids), "the owner took some, then turned the rest away"
     assert all(corral.show(run_id)["state"] == "running" for run_id in ids)
     assert corral("kill", agent).returncode == 0
+
+
+def test_a_command_that_cannot_start_is_failed_not_lost(corral: CorralCLI) -> None:
+    """Its exec fails after the gate: the owner ends the run itself and tells the watchdog
+    so, which then leaves no `.lost` note saying that the run's owner died."""
+    agent = corral.agent()
+    corral.detach(agent, "sleep", "30")  # the shared owner is up
+    proc = corral("run", "-d", "--isolation", "none", agent, "--", "/nonexistent/command")
+    assert proc.returncode == 127, proc.stderr
+    runs = corral.tmp / "state" / "corral" / "runs"
+    assert not list(runs.glob("*.lost"))
+    failed = [r for r in corral.json("ps", "--all", "--json") if r["state"] == "failed"]
+    assert [r["ended_by"] for r in failed] == ["spawn-failed"], failed
+    assert not list(runs.glob("*.lost"))
+    assert corral("kill", agent).returncode == 0

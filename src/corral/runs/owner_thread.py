@@ -130,12 +130,16 @@ def _start_pair(corral: RunContext, spec: RunSpec, record: RunRecord, cgroup: Cg
 
 def _end_unstarted(corral: RunContext, record: RunRecord, cgroup: CgroupDir, started: list[int], wd_fd: int,
                    fds: tuple[int, ...]) -> None:
-    """Kill what of the pair runs, reap it, and let the cgroup go."""
+    """Kill what of the pair runs, reap it, and let the cgroup go. A watchdog that runs is
+    told "done" first: it is us who end the run, not a lost owner (no ``.lost`` note)."""
     from .supervise import Owner
+    from .watchdog import tell_watchdog_done
 
-    os.close(wd_fd)  # a watchdog that runs sees EOF and kills the scope
     if started:
+        tell_watchdog_done(wd_fd)  # closes it
         corral.backend.teardown(cgroup)
+    else:
+        os.close(wd_fd)
     for pid in started:
         Owner._reap(pid)
     for fd in fds:
