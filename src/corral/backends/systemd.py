@@ -150,6 +150,7 @@ class SystemdBackend(Backend):
         self._subscribed = False
         self._done_jobs: dict[bytes, bytes] = {}
         self._removed_units: set[bytes] = set()
+        self._handled = 0  # signals our callbacks took: see _processed
 
     @functools.cached_property
     def bus(self) -> Any:
@@ -202,11 +203,13 @@ class SystemdBackend(Backend):
             return
 
         def on_job_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            self._handled += 1
             msg.process_reply(False)
             _id, job, _unit, result = msg.body
             self._done_jobs[job] = result
 
         def on_unit_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            self._handled += 1
             msg.process_reply(False)
             self._removed_units.add(msg.body[0])
 
@@ -220,14 +223,20 @@ class SystemdBackend(Backend):
     def _wait_job(self, job: bytes, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout
         while job not in self._done_jobs:
-            msg = self.bus.process()
-            if not msg.is_empty():
+            if self._processed():
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BackendError(f"systemd job {job.decode()} did not finish within {timeout:.0f}s")
             self._wait_bus(min(left, 1.0))
         return self._done_jobs.pop(job)
+
+    def _processed(self) -> bool:
+        """One message handled? pystemd's process() returns an empty message for one a
+        callback took as for none at all; only our own count tells them apart. (Waiting
+        on the socket after a message was taken would miss what sd-bus has already read.)"""
+        before = self._handled
+        return not self.bus.process().is_empty() or self._handled != before
 
     def _wait_bus(self, seconds: float) -> None:
         """Until the bus has something to read, or *seconds*. Not pystemd's ``wait()``:
@@ -350,8 +359,7 @@ class SystemdBackend(Backend):
         name = unit.encode()
         deadline = time.monotonic() + timeout
         while name not in self._removed_units and cgroup.exists():
-            msg = self.bus.process()
-            if not msg.is_empty():
+            if self._processed():
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
