@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import select
 import time
 from pathlib import Path
 from typing import Any
@@ -233,16 +234,13 @@ class SystemdBackend(Backend):
 
     def _processed(self) -> bool:
         """One message handled? pystemd's process() returns an empty message for one a
-        callback took as for none at all; only our own count tells them apart. (Waiting
-        on the socket after a message was taken would miss what sd-bus has already read.)"""
+        callback took as for none: our count tells (else we would wait on what sd-bus holds)."""
         before = self._handled
         return not self.bus.process().is_empty() or self._handled != before
 
     def _wait_bus(self, seconds: float) -> None:
         """Until the bus has something to read, or *seconds*. Not pystemd's ``wait()``:
         that holds the GIL for as long, and corral's shared owner has a thread per run."""
-        import select
-
         poller = select.poll()
         poller.register(self.bus.get_fd(), select.POLLIN)
         poller.poll(seconds * 1000)
@@ -313,20 +311,14 @@ class SystemdBackend(Backend):
         from pystemd.dbuslib import apply_signature
 
         props: list[tuple[str, str, Any]] = [
-            ("Description", "s", "corral: the shared owner of detached runs"),
-            ("Slice", "s", ROOT_SLICE),
-            ("PIDs", "au", [os.getpid()]),
-            ("CollectMode", "s", "inactive-or-failed"),
-        ]
+            ("Description", "s", "corral: the shared owner of detached runs"), ("Slice", "s", ROOT_SLICE),
+            ("PIDs", "au", [os.getpid()]), ("CollectMode", "s", "inactive-or-failed")]
         self._subscribe()
         args = apply_signature(b"ss", [name.encode(), b"fail"]) + _prop_args(props)
         args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]
-        try:
-            result = self._wait_job(self._call(b"StartTransientUnit", args, f"start {name}"), START_JOB_TIMEOUT)
-        except CorralError as err:
-            raise OSError(f"systemd did not place corral's shared owner: {err.message}") from err
+        result = self._wait_job(self._call(b"StartTransientUnit", args, f"start {name}"), START_JOB_TIMEOUT)
         if result != b"done":
-            raise OSError(f"systemd could not start {name}: job result {result.decode()!r}")
+            raise BackendError(f"systemd could not start {name}: job result {result.decode()!r}")
         return CgroupDir(self.slice_dir() / name)
 
     def release(self, agent: str, run_id: str, cgroup: CgroupDir) -> None:
