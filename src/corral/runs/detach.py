@@ -86,7 +86,7 @@ def _run_detached(corral: RunContext, spec: RunSpec, record: RunRecord, leases: 
             shared = False
             if run_auth is None and shared_owner.enabled():  # the run's auth serves from our memory: only a fork takes it
                 sandbox = plan_sandbox(corral, spec, record)  # from our environment; errors before any process
-                shared = shared_owner.hand_over(corral, spec, record, cgroup, sandbox, log_fd, report_w, gate_r, leases)
+                shared = shared_owner.hand_over(corral, spec, record, cgroup, sandbox, report_w, gate_r, leases)
             if not shared:
                 _fork_owner(corral, spec, record, cgroup, log_fd, (report_r, report_w), (gate_r, gate_w), leases,
                             run_auth)

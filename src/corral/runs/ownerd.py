@@ -107,11 +107,7 @@ class SharedOwner:
     # --- serving --------------------------------------------------------------------------
 
     def serve(self) -> None:
-        me = process_context(os.getpid())
-        me.pop(UMASK_KEY)
-        if self.placed is not None:
-            for key in PLACEMENT_KEYS:
-                me.pop(key, None)
+        me = self._compared(process_context(os.getpid()))
         self.raise_nofile()  # after reading our context: a caller's limits must equal our callers'
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
@@ -155,6 +151,12 @@ class SharedOwner:
             self._leave()
             self._step_out()
 
+    def _compared(self, context: dict[str, str]) -> dict[str, str]:
+        """What of a process context must equal ours: not the umask (each command gets its
+        caller's), nor, once we live in our own cgroup, where a caller's cgroup is."""
+        skip = {UMASK_KEY, *(PLACEMENT_KEYS if self.placed is not None else ())}
+        return {k: v for k, v in context.items() if k not in skip}
+
     def _on_term(self, _signum: int, _frame: object) -> None:
         """corral.slice is being stopped (or someone asked us to go): take no new run,
         own the ones we have to their end (they are being stopped too), then exit. The
@@ -190,10 +192,8 @@ class SharedOwner:
             alive = pidfd_pid(pidfd) == pid  # so what was read was that very process
         finally:
             os.close(pidfd)
-        umask = int(theirs.pop(UMASK_KEY, "0022"), 8)
-        if self.placed is not None:
-            for key in PLACEMENT_KEYS:
-                theirs.pop(key, None)
+        umask = int(theirs.get(UMASK_KEY, "0022"), 8)
+        theirs = self._compared(theirs)
         differs = sorted(k for k in me.keys() | theirs.keys() if me.get(k) != theirs.get(k))
         if len(os.listdir("/proc/self/fd")) + FDS_MARGIN > resource.getrlimit(resource.RLIMIT_NOFILE)[0]:
             conn.sendall(b"no full: at its open-file limit\n")  # the caller forks an owner of its own
@@ -240,7 +240,6 @@ class SharedOwner:
 
     def _own(self, request: dict[str, Any], fds: list[int]) -> None:
         moved = dict(zip(request["fds"], fds, strict=True))
-        os.close(moved[request["log_fd"]])  # a failure here is written to the log by its path
         report_w, gate_r = moved[request["report_w"]], moved[request["gate_r"]]
         leases: list[HeldLock] = request["leases"]
         for lease in leases:

@@ -157,8 +157,8 @@ def enabled() -> bool:
 # --- the caller's side ------------------------------------------------------------------
 
 
-def hand_over(ctx: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, sandbox: Sandbox, log_fd: int,
-              report_w: int, gate_r: int, leases: list[HeldLock]) -> bool:
+def hand_over(ctx: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupDir, sandbox: Sandbox, report_w: int,
+              gate_r: int, leases: list[HeldLock]) -> bool:
     """Hand the run to the shared owner; True once it took it (its report pipe then says
     ``adopt <watchdog> <main>``), False if it cannot or will not (then the caller forks
     the owner itself)."""
@@ -167,13 +167,13 @@ def hand_over(ctx: RunContext, spec: RunSpec, record: RunRecord, cgroup: CgroupD
     if conn is None:
         return False
     with conn:
-        fds = [log_fd, report_w, gate_r, *(fd for lease in leases for fd in lease.fds())]
+        fds = [report_w, gate_r, *(fd for lease in leases for fd in lease.fds())]  # its log it opens by path
         if len(fds) > MAX_FDS:
             return False
         try:
             payload = pickle.dumps({
                 "dirs": ctx.dirs, "spec": spec, "record": record, "cgroup": cgroup, "sandbox": sandbox,
-                "fds": fds, "log_fd": log_fd, "report_w": report_w, "gate_r": gate_r, "leases": leases,
+                "fds": fds, "report_w": report_w, "gate_r": gate_r, "leases": leases,
             }, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError):
             return False  # something of this run only a real fork can hand on
